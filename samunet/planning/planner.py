@@ -1,0 +1,259 @@
+"""The experiment planner: from a fingerprint to ``samunetPlans.json``.
+
+Every choice that has alternatives is recorded next to the reason it was made, so a user can read the plans
+file and see why samunet configured itself as it did. The planner is deterministic: the same fingerprint and
+options always give the same plans.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from samunet import __version__
+from samunet.models.specs import EncoderSpec, get_encoder_spec
+from samunet.utils import SamunetError, stable_hash
+
+PLANS_NAME = "samunetPlans"
+PREPROCESSING_VERSION = 1
+MIN_STRUCTURE_WIDTH_PX = 2.0      # thinnest structure width that resizing into the encoder may leave
+TILE_STEP = 0.5                   # sliding-window step as a fraction of the tile
+MAX_BATCH_SIZE = 32
+MIN_BATCH_SIZE = 2
+CPU_GFLOPS_REFERENCE = 55.0       # LiteMedSAM fp32 eager, measured on a 2-core CPU: 75 GFLOP in ~1.35 s
+RGB_NAMES = ({"r", "g", "b"}, {"red", "green", "blue"})
+
+
+def _choose_slice_axis(spacings: np.ndarray, shapes: np.ndarray) -> tuple[int, str]:
+    median_spacing = np.median(spacings, 0)
+    median_shape = np.median(shapes, 0)
+    top = median_spacing.max()
+    tied = [a for a in range(3) if median_spacing[a] >= top * 0.99]
+    if len(tied) == 1:
+        a = tied[0]
+        return a, (f"axis {a} has the lowest resolution (median spacing {median_spacing.round(3).tolist()} mm); "
+                   "slicing along it keeps every slice at full in-plane resolution, as nnU-Net's transpose does")
+    a = min(tied, key=lambda t: (median_shape[t], t))
+    return a, (f"median spacing {median_spacing.round(3).tolist()} mm is (nearly) isotropic over axes {tied}; "
+               f"of those, axis {a} is the shortest (median {median_shape.round(1).tolist()} voxels), which gives "
+               "the largest slices and the fewest encoder calls")
+
+
+def _choose_input_size(spec: EncoderSpec, extent: float, override: int | None) -> tuple[int, str]:
+    if override is not None:
+        if not spec.valid_input_size(override):
+            raise SamunetError(f"--input_size {override} is not valid for encoder {spec.name}: it must be a multiple "
+                               f"of {spec.size_multiple} and at least {spec.min_input_size}")
+        return override, "set by the user (--input_size)"
+    # the embedding grid (input / stride) should resolve at least every second pixel of the slice
+    wanted = extent * spec.stride / 2.0
+    size = int(math.ceil(wanted / spec.size_multiple) * spec.size_multiple)
+    size = max(spec.min_input_size, min(spec.native_input_size, size))
+    if size == spec.native_input_size:
+        return size, (f"the encoder's native input size: slices (median extent {extent:.0f} px) need at least "
+                      f"{wanted:.0f} px so that the stride-{spec.stride} embedding resolves every second pixel")
+    return size, (f"slices are small (median extent {extent:.0f} px): {size} px (a multiple of {spec.size_multiple} "
+                  f">= {wanted:.0f}) lets the stride-{spec.stride} embedding resolve every second pixel at "
+                  f"{(size / spec.native_input_size) ** 2:.2f}x the encoder cost of the native "
+                  f"{spec.native_input_size} px")
+
+
+def _choose_inplane_mode(extent: float, input_size: int, class_props: dict, target_spacing) -> tuple[str, str]:
+    if extent <= input_size:
+        return "resize", (f"slices (median extent {extent:.0f} px) fit into the {input_size} px encoder input and "
+                          f"are resized whole (scale {input_size / extent:.2f})")
+    scale = input_size / extent
+    widths = [(p["median_width_mm"] / min(target_spacing), p["name"]) for p in class_props.values()
+              if p.get("median_width_mm") is not None]
+    if not widths:
+        return "resize", f"no structure widths known; slices are resized whole (scale {scale:.2f})"
+    width, name = min(widths)
+    if width * scale < MIN_STRUCTURE_WIDTH_PX:
+        return "sliding_window", (
+            f"resizing slices of median extent {extent:.0f} px to {input_size} px (scale {scale:.2f}) would thin "
+            f"class '{name}' (median width {width:.1f} px) to {width * scale:.1f} px < {MIN_STRUCTURE_WIDTH_PX} px; "
+            f"{input_size} px tiles at the target spacing with step {TILE_STEP} keep it intact")
+    return "resize", (f"resizing slices of median extent {extent:.0f} px to {input_size} px (scale {scale:.2f}) "
+                      f"keeps the thinnest class '{name}' at {width * scale:.1f} px >= {MIN_STRUCTURE_WIDTH_PX} px")
+
+
+def _normalisation(fingerprint: dict) -> list[dict]:
+    schemes = []
+    natural = fingerprint["io"] == ["natural2d"]
+    dtypes = set(fingerprint["image_dtypes"])
+    for c, name in enumerate(fingerprint["channel_names"]):
+        stats = fingerprint["foreground_intensity_properties_per_channel"][str(c)]
+        if name.strip().lower() == "ct":
+            schemes.append({"channel": c, "name": name, "scheme": "ct_window",
+                            "lower": stats["percentile_00_5"], "upper": stats["percentile_99_5"],
+                            "reason": "CT has absolute units: window to the foreground 0.5-99.5 percentiles of the "
+                                      "whole data set"})
+        elif natural and dtypes <= {"uint8", "uint16"}:
+            max_value = 255.0 if dtypes == {"uint8"} else 65535.0
+            schemes.append({"channel": c, "name": name, "scheme": "natural_8bit", "max_value": max_value,
+                            "reason": f"{'/'.join(sorted(dtypes))} natural images are used as they are "
+                                      f"(divided by {max_value:.0f}), like the photographs SAM was trained on"})
+        else:
+            schemes.append({"channel": c, "name": name, "scheme": "percentile_clip",
+                            "lower_percentile": 0.5, "upper_percentile": 99.5,
+                            "reason": "no absolute intensity scale (e.g. MRI): each image is clipped to its own "
+                                      "0.5-99.5 percentiles of non-zero voxels"})
+    return schemes
+
+
+def _channel_rule(fingerprint: dict, context: int) -> dict:
+    names = {n.strip().lower() for n in fingerprint["channel_names"]}
+    n = fingerprint["num_channels"]
+    if n == 1:
+        if context == 1:
+            return {"type": "replicate", "reason": "one channel, replicated to the encoder's three input channels"}
+        return {"type": "neighbour_slices",
+                "reason": "one channel; slices s-1, s, s+1 fill the encoder's three input channels"}
+    if context == 1 and n == 3 and (names in RGB_NAMES or fingerprint["io"] == ["natural2d"]):
+        return {"type": "rgb", "reason": "three colour channels of one image go to the encoder as RGB"}
+    return {"type": "encode_each_and_fuse",
+            "reason": f"{n} channels ({', '.join(fingerprint['channel_names'])}) that are not one RGB image: each "
+                      "channel is encoded on its own (as a grey image, or its slice stack for 2.5d) and the head "
+                      f"fuses the {n} embeddings with a learned 1x1 convolution; no channel is dropped"}
+
+
+def _tiles(shape_yx, patch: int) -> int:
+    n = 1
+    for length in shape_yx:
+        n *= 1 if length <= patch else math.ceil((length - patch) / (patch * TILE_STEP)) + 1
+    return n
+
+
+def _head_estimate_mb(spec: EncoderSpec, input_size: int, num_classes: int) -> float:
+    c, g, _ = spec.embedding_shape(input_size)
+    emb_mb = c * g * g * 4 / 1e6
+    # head activations kept for the backward pass: ~20 embedding-sized maps for the two-way transformer and the
+    # upscaling path, plus logits and their gradients at full resolution
+    return 20 * emb_mb + 3 * num_classes * input_size * input_size * 4 / 1e6
+
+
+def _configuration(name: str, context: int, fingerprint: dict, spec: EncoderSpec, opts: dict) -> dict:
+    spacings = np.array(fingerprint["spacings"], float)
+    shapes = np.array(fingerprint["shapes_after_crop"], float)
+    if fingerprint["dims"] == [2]:
+        slice_axis, axis_reason = 0, "2D images: every case is one slice"
+    else:
+        slice_axis, axis_reason = _choose_slice_axis(spacings, shapes)
+    transpose = [slice_axis] + [a for a in range(3) if a != slice_axis]
+    sp_t, sh_t = spacings[:, transpose], shapes[:, transpose]
+    target_inplane = np.median(sp_t[:, 1:], 0)
+    median_slice = np.median(sh_t[:, 1:] * sp_t[:, 1:] / target_inplane, 0)
+    extent = float(median_slice.max())
+    input_size, size_reason = _choose_input_size(spec, extent, opts.get("input_size"))
+    mode, mode_reason = _choose_inplane_mode(extent, input_size, fingerprint["class_properties"], target_inplane)
+    rule = _channel_rule(fingerprint, context)
+    encodes_per_slice = fingerprint["num_channels"] if rule["type"] == "encode_each_and_fuse" else 1
+    # encoder calls over the whole training set
+    n_slices = 0
+    n_images = 0
+    for sp, sh in zip(sp_t, sh_t):
+        yx = [int(round(n * s / t)) for n, s, t in zip(sh[1:], sp[1:], target_inplane)]
+        tiles = _tiles(yx, input_size) if mode == "sliding_window" else 1
+        n_slices += int(sh[0])
+        n_images += int(sh[0]) * tiles * encodes_per_slice
+    c, g, _ = spec.embedding_shape(input_size)
+    cache_gb = n_images * c * g * g * 2 / 1e9
+    gflop_total = n_images * spec.gflops(input_size)
+    cache = cache_gb <= opts["disk_gb"]
+    cache_reason = (f"{n_images} encoder inputs x {c}x{g}x{g} float16 = {cache_gb:.2f} GB "
+                    f"{'fits' if cache else 'exceeds'} the disk budget of {opts['disk_gb']:.0f} GB")
+    cache_reason += ("; the frozen encoder runs once per input instead of once per training step" if cache else
+                     "; the encoder runs on the fly during training, with full spatial augmentation")
+    num_classes = len(fingerprint["class_properties"])
+    head_mb = _head_estimate_mb(spec, input_size, num_classes)
+    per_sample = head_mb + (0.0 if cache else spec.mb_per_image(input_size) * encodes_per_slice)
+    budget_mb = opts["memory_gb"] * 1000
+    batch = int(max(MIN_BATCH_SIZE, min(MAX_BATCH_SIZE, budget_mb // per_sample)))
+    batch_reason = (f"memory budget {opts['memory_gb']:.0f} GB / ~{per_sample:.0f} MB per sample "
+                    f"({'head only, embeddings cached' if cache else 'encoder forward plus head'}), kept within "
+                    f"[{MIN_BATCH_SIZE}, {MAX_BATCH_SIZE}]")
+    if spec.pretrained_decoder:
+        head, head_reason = "autosam", (f"{spec.name} ships a pretrained SAM mask decoder: the AutoSAM head starts "
+                                        "from it and segments all classes in one pass")
+    else:
+        head, head_reason = "cnn", f"{spec.name} has no pretrained mask decoder to start an AutoSAM head from"
+    if opts.get("head"):
+        head, head_reason = opts["head"], "set by the user (--head)"
+    normalisation = _normalisation(fingerprint)
+    preprocessing = {
+        "version": PREPROCESSING_VERSION,
+        "transpose_forward": transpose,
+        "target_spacing_inplane": [float(x) for x in target_inplane],
+        "normalization": [{k: v for k, v in n.items() if k != "reason"} for n in normalisation],
+        "crop": "nonzero",
+    }
+    return {
+        "data_identifier": f"{PLANS_NAME}_2d",
+        "preprocessing_identity": stable_hash(preprocessing),
+        "slice_context": context,
+        "slice_axis": slice_axis,
+        "slice_axis_reason": axis_reason,
+        "transpose_forward": transpose,
+        "transpose_backward": [int(i) for i in np.argsort(transpose)],
+        "spacing": [float(np.median(sp_t[:, 0]))] + [float(x) for x in target_inplane],
+        "target_spacing_inplane": [float(x) for x in target_inplane],
+        "spacing_reason": "median in-plane spacing of the training cases; the slice axis is never resampled",
+        "median_slice_shape": [float(x) for x in median_slice.round(1)],
+        "normalization": normalisation,
+        "channel_rule": rule,
+        "encoder_input_size": input_size,
+        "input_size_reason": size_reason,
+        "inplane_mode": mode,
+        "patch_size": [input_size, input_size],
+        "tile_step": TILE_STEP,
+        "inplane_mode_reason": mode_reason,
+        "head": head,
+        "head_reason": head_reason,
+        "batch_size": batch,
+        "batch_size_reason": batch_reason,
+        "cache_embeddings": bool(cache),
+        "estimated_cache_gb": round(cache_gb, 3),
+        "cache_reason": cache_reason,
+        "training_slices": n_slices,
+        "encoder_inputs": n_images,
+        "estimated_encoder_cpu_hours": round(gflop_total / CPU_GFLOPS_REFERENCE / 3600, 3),
+        "encoder_cpu_hours_note": f"at {CPU_GFLOPS_REFERENCE:.0f} GFLOP/s (the fp32 reference encoder on 2 CPU cores)",
+    }
+
+
+def plan_experiment(fingerprint: dict, dataset_json: dict, encoder: str = "lite_medsam",
+                    checkpoint: str | None = None, memory_gb: float = 8.0, disk_gb: float = 50.0,
+                    input_size: int | None = None, head: str | None = None,
+                    configurations: list[str] | None = None, seed: int = 12345) -> dict:
+    spec = get_encoder_spec(encoder)
+    if spec.needs_checkpoint and not checkpoint:
+        raise SamunetError(f"encoder {encoder} needs its official checkpoint: pass --checkpoint PATH "
+                           f"(its weights are never downloaded)")
+    if head is not None and head not in ("autosam", "cnn", "linear"):
+        raise SamunetError(f"unknown head '{head}' (choose autosam, cnn or linear)")
+    opts = {"memory_gb": float(memory_gb), "disk_gb": float(disk_gb), "input_size": input_size, "head": head}
+    available = {"2d": 1} if fingerprint["dims"] == [2] else {"2d": 1, "2.5d": 3}
+    wanted = configurations or list(available)
+    for c in wanted:
+        if c not in available:
+            raise SamunetError(f"configuration '{c}' is not available for {fingerprint['dataset_name']} "
+                               f"(available: {', '.join(available)}; 2.5d needs 3D data)")
+    spacings = np.array(fingerprint["spacings"], float)
+    shapes = np.array(fingerprint["shapes_after_crop"], float)
+    return {
+        "dataset_name": fingerprint["dataset_name"],
+        "plans_name": PLANS_NAME,
+        "samunet_version": __version__,
+        "seed": seed,
+        "encoder": {"name": encoder, "checkpoint": checkpoint, **{k: v for k, v in spec.to_dict().items()
+                                                                    if k != "name"}},
+        "channel_names": fingerprint["channel_names"],
+        "label_values": [int(v) for v in fingerprint["class_properties"]],
+        "class_names": [p["name"] for p in fingerprint["class_properties"].values()],
+        "file_ending": dataset_json["file_ending"],
+        "original_median_spacing": [float(x) for x in np.median(spacings, 0)],
+        "original_median_shape": [float(x) for x in np.median(shapes, 0)],
+        "foreground_intensity_properties_per_channel": fingerprint["foreground_intensity_properties_per_channel"],
+        "budgets": {"memory_gb": opts["memory_gb"], "disk_gb": opts["disk_gb"]},
+        "configurations": {c: _configuration(c, available[c], fingerprint, spec, opts) for c in wanted},
+    }

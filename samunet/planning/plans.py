@@ -1,0 +1,27 @@
+"""Loading plans and picking a configuration, with errors that say what to run."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from samunet.paths import preprocessed_folder
+from samunet.planning.planner import PLANS_NAME
+from samunet.utils import SamunetError, load_json
+
+
+def plans_file(dataset_name: str, plans_name: str = PLANS_NAME) -> Path:
+    return preprocessed_folder() / dataset_name / f"{plans_name}.json"
+
+
+def load_plans(dataset_name: str, plans_name: str = PLANS_NAME) -> dict:
+    path = plans_file(dataset_name, plans_name)
+    if not path.is_file():
+        raise SamunetError(f"{path}: plans not found; run samunet_plan_and_preprocess -d {dataset_name} first")
+    return load_json(path)
+
+
+def get_configuration(plans: dict, name: str) -> dict:
+    try:
+        return plans["configurations"][name]
+    except KeyError:
+        raise SamunetError(f"configuration '{name}' is not in the plans of {plans['dataset_name']} "
+                           f"(available: {', '.join(plans['configurations'])})") from None
