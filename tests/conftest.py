@@ -1,0 +1,53 @@
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+HIPPO = DATA / "Dataset004_Hippocampus"
+DRIVE = DATA / "Dataset201_DRIVE"
+EM = DATA / "Dataset204_ISBI2012EM"
+
+
+def require(path: Path) -> Path:
+    if not path.is_dir():
+        pytest.skip(f"real data set {path.name} not available beside the project (../shared/data)")
+    return path
+
+
+@pytest.fixture
+def samunet_dirs(tmp_path, monkeypatch):
+    """Fresh samunet_raw / samunet_preprocessed / samunet_results folders for one test."""
+    dirs = {k: tmp_path / k for k in ("samunet_raw", "samunet_preprocessed", "samunet_results")}
+    for k, v in dirs.items():
+        v.mkdir()
+        monkeypatch.setenv(k, str(v))
+    return dirs
+
+
+def copy_dataset(src: Path, raw: Path, cases: list[str] | None = None, name: str | None = None) -> Path:
+    """Copy a real data set (optionally a subset of its cases) into a samunet_raw folder."""
+    require(src)
+    meta = json.loads((src / "dataset.json").read_text())
+    dst = raw / (name or src.name)
+    (dst / "imagesTr").mkdir(parents=True)
+    (dst / "labelsTr").mkdir()
+    ending = meta["file_ending"]
+    idents = cases or sorted(p.name[: -len(ending)] for p in (src / "labelsTr").iterdir())
+    for ident in idents:
+        shutil.copy(src / "labelsTr" / f"{ident}{ending}", dst / "labelsTr")
+        for img in sorted((src / "imagesTr").glob(f"{ident}_[0-9][0-9][0-9][0-9]{ending}")):
+            shutil.copy(img, dst / "imagesTr")
+    meta["numTraining"] = len(idents)
+    (dst / "dataset.json").write_text(json.dumps(meta, indent=2))
+    return dst
+
+
+def hippo_cases(n: int) -> list[str]:
+    require(HIPPO)
+    return sorted(p.name[: -len(".nii.gz")] for p in (HIPPO / "labelsTr").iterdir())[:n]
+
+
+def tree_snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
