@@ -28,6 +28,8 @@ setup(
             "samunet_plan_experiment=samunet.cli:plan_experiment_entry",
             "samunet_preprocess=samunet.cli:preprocess_entry",
             "samunet_convert_msd=samunet.cli:convert_msd_entry",
+            "samunet_evaluate_folder=samunet.evaluation.cli:evaluate_folder_entry",
+            "samunet_evaluate_simple=samunet.evaluation.cli:evaluate_simple_entry",
         ]
     },
 )
