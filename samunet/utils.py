@@ -80,3 +80,12 @@ def stable_hash(obj: Any, length: int = 16) -> str:
     """A hash of a JSON-serialisable object that does not depend on dict ordering."""
     text = json.dumps(obj, sort_keys=True, default=_json_default)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
+
+
+def single_threaded_worker() -> None:
+    """Initializer for worker processes: one thread each, so N workers do not oversubscribe N cores."""
+    try:
+        import torch
+        torch.set_num_threads(1)
+    except ImportError:
+        pass

@@ -9,7 +9,7 @@ import numpy as np
 
 from samunet.dataset.dataset_json import Case, DatasetInfo, list_cases, load_dataset_json, stray_files
 from samunet.dataset.io import check_file_ending, geometry_mismatch, read_images, read_seg
-from samunet.utils import SamunetError
+from samunet.utils import SamunetError, single_threaded_worker
 
 logger = logging.getLogger("samunet")
 
@@ -84,7 +84,7 @@ def verify_dataset_integrity(dataset_folder: str | Path, num_processes: int = 1)
         elif not p.name.startswith(".") and not p.name.endswith(info.file_ending):
             problems.append(f"{p}: does not end with {info.file_ending}")
     if num_processes > 1 and len(cases) > 1:
-        with ProcessPoolExecutor(num_processes) as ex:
+        with ProcessPoolExecutor(num_processes, initializer=single_threaded_worker) as ex:
             results = list(ex.map(_check_case, cases, [info] * len(cases), chunksize=4))
     else:
         results = [_check_case(c, info) for c in cases]

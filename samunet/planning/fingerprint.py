@@ -22,7 +22,7 @@ from samunet import __version__
 from samunet.dataset.dataset_json import Case, DatasetInfo, load_dataset_json, training_cases
 from samunet.dataset.io import read_images, read_seg
 from samunet.preprocessing.cropping import crop_to_nonzero
-from samunet.utils import SamunetError
+from samunet.utils import SamunetError, single_threaded_worker
 
 logger = logging.getLogger("samunet")
 
@@ -99,7 +99,7 @@ def compute_fingerprint(dataset_folder: str | Path, num_processes: int = 2, seed
             [seed + i for i in range(len(cases))])
     desc = f"fingerprint {folder.name}"
     if num_processes > 1:
-        with ProcessPoolExecutor(num_processes) as ex:
+        with ProcessPoolExecutor(num_processes, initializer=single_threaded_worker) as ex:
             per_case = list(tqdm(ex.map(_case_fingerprint, *args, chunksize=4), total=len(cases), desc=desc))
     else:
         per_case = [_case_fingerprint(*a) for a in tqdm(list(zip(*args)), desc=desc)]

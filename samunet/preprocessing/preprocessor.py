@@ -23,7 +23,7 @@ from samunet.dataset.io import geometry_mismatch, read_images, read_seg
 from samunet.preprocessing.cropping import crop_to_nonzero, paste_into
 from samunet.preprocessing.normalization import normalise
 from samunet.preprocessing.resampling import new_inplane_shape, resample_data, resample_probabilities, resample_seg
-from samunet.utils import SamunetError, atomic_save_npy, load_json, save_json
+from samunet.utils import SamunetError, atomic_save_npy, load_json, save_json, single_threaded_worker
 
 logger = logging.getLogger("samunet")
 
@@ -131,7 +131,7 @@ def preprocess_cases(cases, config: dict, label_values, out_dir: Path, num_proce
     args = ([c.identifier for c in todo], [c.image_files for c in todo], [c.label_file for c in todo],
             [config] * len(todo), [list(label_values)] * len(todo), [out_dir] * len(todo))
     if num_processes > 1 and len(todo) > 1:
-        with ProcessPoolExecutor(num_processes) as ex:
+        with ProcessPoolExecutor(num_processes, initializer=single_threaded_worker) as ex:
             results = list(tqdm(ex.map(_run_one, *args), total=len(todo), desc=desc))
     else:
         results = [_run_one(*a) for a in tqdm(list(zip(*args)), desc=desc)]
