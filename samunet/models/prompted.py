@@ -1,0 +1,98 @@
+"""Zero-shot, prompted segmentation with an encoder's own pretrained prompt encoder and mask decoder.
+
+    segmenter = PromptedSegmenter(encoder)
+    out = segmenter(images=images, boxes=boxes)            # or embeddings=encoder(images)
+    out.masks       # (B, M, S, S) mask logits at the encoder's input size (threshold at 0)
+    out.iou         # (B, M) predicted IoU
+    out.low_res     # (B, M, 4g, 4g) logits to feed back as `mask_input` for the next interaction
+
+Prompts are in the pixel coordinates of the encoder's S x S input, x before y (SAM's convention):
+point_coords (B, N, 2) with point_labels (B, N) (1 foreground, 0 background, -1 padding); boxes (B, 4) as
+x0, y0, x1, y1; mask_input (B, 1, 4g, 4g) low-resolution logits of a previous prediction. M is 1, or 3 with
+multimask_output=True. Works for every encoder of the registry (test_tiny's decoder is random).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class PromptedOutput:
+    masks: torch.Tensor
+    iou: torch.Tensor
+    low_res: torch.Tensor
+
+
+class PromptedSegmenter(nn.Module):
+    def __init__(self, encoder):
+        super().__init__()
+        if encoder.prompt_encoder is None or encoder.mask_decoder is None:
+            raise ValueError(f"encoder '{encoder.name}' has no prompt encoder / mask decoder")
+        self.encoder = encoder
+        self.input_size = encoder.input_size
+        self.low_res_size = 4 * encoder.grid_size
+
+    @property
+    def prompt_encoder(self) -> nn.Module:
+        return self.encoder.prompt_encoder
+
+    @property
+    def mask_decoder(self) -> nn.Module:
+        return self.encoder.mask_decoder
+
+    def _batch_size(self, embeddings, point_coords, boxes, mask_input) -> int:
+        for t in (embeddings, point_coords, boxes, mask_input):
+            if t is not None:
+                return t.shape[0]
+        raise ValueError("give images or embeddings")
+
+    @torch.no_grad()
+    def forward(self, embeddings: torch.Tensor | None = None, images: torch.Tensor | None = None,
+                point_coords: torch.Tensor | None = None, point_labels: torch.Tensor | None = None,
+                boxes: torch.Tensor | None = None, mask_input: torch.Tensor | None = None,
+                multimask_output: bool = False) -> PromptedOutput:
+        if embeddings is None:
+            if images is None:
+                raise ValueError("give images or embeddings")
+            embeddings = self.encoder(images)
+        expected = self.encoder.embedding_shape
+        if embeddings.ndim != 4 or tuple(embeddings.shape[1:]) != expected:
+            raise ValueError(f"embeddings must be (B, {expected[0]}, {expected[1]}, {expected[2]}), "
+                             f"got {tuple(embeddings.shape)}")
+        if point_coords is None and boxes is None and mask_input is None:
+            raise ValueError("give at least one prompt: points, a box or a mask")
+        if (point_coords is None) != (point_labels is None):
+            raise ValueError("point_coords and point_labels go together")
+        device = embeddings.device
+        b = embeddings.shape[0]
+        if point_coords is not None:
+            point_coords = torch.as_tensor(point_coords, dtype=torch.float32, device=device).reshape(b, -1, 2)
+            point_labels = torch.as_tensor(point_labels, device=device).reshape(b, -1).to(torch.int64)
+        if boxes is not None:
+            boxes = torch.as_tensor(boxes, dtype=torch.float32, device=device).reshape(b, 4)
+        if mask_input is not None:
+            mask_input = torch.as_tensor(mask_input, dtype=torch.float32, device=device)
+            if tuple(mask_input.shape) != (b, 1, self.low_res_size, self.low_res_size):
+                raise ValueError(f"mask_input must be (B, 1, {self.low_res_size}, {self.low_res_size}), "
+                                 f"got {tuple(mask_input.shape)}")
+        image_pe = self.prompt_encoder.get_dense_pe()
+        low_res, ious = [], []
+        # one image at a time: segment_anything's decoder pairs one image with all prompts of that image
+        for i in range(b):
+            points = None if point_coords is None else (point_coords[i:i + 1], point_labels[i:i + 1])
+            sparse, dense = self.prompt_encoder(
+                points=points,
+                boxes=None if boxes is None else boxes[i:i + 1],
+                masks=None if mask_input is None else mask_input[i:i + 1])
+            masks, iou = self.mask_decoder(image_embeddings=embeddings[i:i + 1], image_pe=image_pe,
+                                           sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                           multimask_output=multimask_output)
+            low_res.append(masks)
+            ious.append(iou)
+        low = torch.cat(low_res)
+        full = F.interpolate(low, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        return PromptedOutput(masks=full, iou=torch.cat(ious), low_res=low)
