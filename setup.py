@@ -30,6 +30,13 @@ setup(
             "samunet_convert_msd=samunet.cli:convert_msd_entry",
             "samunet_evaluate_folder=samunet.evaluation.cli:evaluate_folder_entry",
             "samunet_evaluate_simple=samunet.evaluation.cli:evaluate_simple_entry",
+            "samunet_train=samunet.cli:train_entry",
+            "samunet_demo=samunet.cli:demo_entry",
+            "samunet_predict=samunet.cli:predict_entry",
+            "samunet_predict_from_modelfolder=samunet.cli:predict_from_modelfolder_entry",
+            "samunet_find_best_configuration=samunet.cli:find_best_configuration_entry",
+            "samunet_ensemble=samunet.cli:ensemble_entry",
+            "samunet_apply_postprocessing=samunet.cli:apply_postprocessing_entry",
         ]
     },
 )

@@ -143,3 +143,161 @@ def convert_msd_entry(argv=None):
     _setup_logging()
     from samunet.dataset.convert_msd import convert_msd
     convert_msd(a.i, a.overwrite_id, a.np)
+
+
+@_entry
+def train_entry(argv=None):
+    p = argparse.ArgumentParser(prog="samunet_train",
+                                description="Train a prompt-free head on the frozen encoder for one fold, as "
+                                            "nnUNetv2_train does.")
+    p.add_argument("dataset", help="data set id or name")
+    p.add_argument("configuration", help="2d or 2.5d")
+    p.add_argument("fold", help="0-4, or 'all' to train on every case")
+    p.add_argument("--head", default=None, choices=["autosam", "cnn", "linear"],
+                   help="head to train (default: the one the plans chose)")
+    p.add_argument("--epochs", type=int, default=None, help="number of epochs (default: set by the plans)")
+    p.add_argument("--iterations_per_epoch", type=int, default=None, help="default: set by the plans")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="default: set by the plans from the memory budget; smaller is faster per step on a CPU")
+    p.add_argument("--num_labeled_cases", type=int, default=None,
+                   help="train on a seeded subset of N cases of the fold's training set")
+    p.add_argument("--c", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--val", action="store_true", help="only run the final validation of a trained fold")
+    p.add_argument("--val_best", action="store_true", help="final validation with checkpoint_best instead of final")
+    p.add_argument("--npz", action="store_true", help="also save validation probabilities (.npz)")
+    p.add_argument("--no_cache", action="store_true",
+                   help="encode on the fly with full augmentation even if the plans cache embeddings")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    a = p.parse_args(argv)
+    _setup_logging()
+    from samunet.training.trainer import run_training
+    run_training(a.dataset, a.configuration, a.fold, head=a.head, epochs=a.epochs,
+                 iterations_per_epoch=a.iterations_per_epoch, num_labeled_cases=a.num_labeled_cases,
+                 continue_training=a.c, validation_only=a.val, device=a.device, save_probabilities=a.npz,
+                 use_cache=False if a.no_cache else None,
+                 checkpoint="checkpoint_best.pth" if a.val_best else "checkpoint_final.pth", batch_size=a.batch_size)
+
+
+def _add_predict_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-i", required=True, help="input folder with cases named like imagesTs (CASE_XXXX.ext)")
+    p.add_argument("-o", required=True, help="output folder")
+    p.add_argument("-f", nargs="+", default=None, help="folds to ensemble (default: every trained fold)")
+    p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default checkpoint_final.pth)")
+    p.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation (4x faster)")
+    p.add_argument("--save_probabilities", action="store_true", help="also write CASE.npz with probabilities")
+    p.add_argument("--continue_prediction", action="store_true", help="skip cases whose output already exists")
+    p.add_argument("-npp", type=int, default=1, help="accepted for nnU-Net compatibility; prediction runs in-process")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+
+def _predict(a, model_dir) -> None:
+    from samunet.inference.predict import predict_folder
+    predict_folder(a.i, a.o, model_dir, folds=a.f, checkpoint=a.chk, tta=not a.disable_tta,
+                   save_probabilities=a.save_probabilities, continue_prediction=a.continue_prediction,
+                   device=a.device)
+
+
+@_entry
+def predict_entry(argv=None):
+    p = argparse.ArgumentParser(prog="samunet_predict",
+                                description="Predict a folder of cases with a fold ensemble, as nnUNetv2_predict does.")
+    _add_predict_options(p)
+    p.add_argument("-d", required=True, help="data set id or name")
+    p.add_argument("-c", required=True, help="configuration (2d or 2.5d)")
+    p.add_argument("--head", default=None, choices=["autosam", "cnn", "linear"],
+                   help="head whose models to use (default: the plans' head)")
+    p.add_argument("-p", default="samunetPlans", help="plans name")
+    p.add_argument("--num_labeled_cases", type=int, default=None,
+                   help="use the models trained with --num_labeled_cases N")
+    a = p.parse_args(argv)
+    _setup_logging()
+    from samunet.paths import resolve_dataset_name, results_folder
+    from samunet.training.trainer import model_folder, trainer_name
+    from samunet.utils import load_json
+    name = resolve_dataset_name(a.d)
+    head = a.head
+    if head is None:
+        candidates = sorted((results_folder() / name).glob(f"samunetTrainer_*__{a.p}__{a.c}"))
+        plans_file = candidates[0] / "plans.json" if candidates else None
+        if plans_file is None or not plans_file.is_file():
+            raise SamunetError(f"no trained model for {name} configuration {a.c} in {results_folder() / name}")
+        head = load_json(plans_file)["configurations"][a.c]["head"]
+    _predict(a, model_folder(name, trainer_name(head, a.num_labeled_cases), a.p, a.c))
+
+
+@_entry
+def predict_from_modelfolder_entry(argv=None):
+    p = argparse.ArgumentParser(prog="samunet_predict_from_modelfolder",
+                                description="Predict a folder of cases with the models in a model folder.")
+    _add_predict_options(p)
+    p.add_argument("-m", required=True, help="model folder (TRAINER__PLANS__CONFIGURATION)")
+    a = p.parse_args(argv)
+    _setup_logging()
+    _predict(a, a.m)
+
+
+@_entry
+def demo_entry(argv=None):
+    p = argparse.ArgumentParser(prog="samunet_demo",
+                                description="Run the whole pipeline (plan, preprocess, train fold 0 briefly, "
+                                            "predict, evaluate) on a generated SYNTHETIC phantom or a raw data set.")
+    p.add_argument("-o", default="samunet_demo", help="work folder (default ./samunet_demo)")
+    p.add_argument("--dataset", default=None, help="a raw data set folder DatasetXXX_Name instead of the phantom")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--iterations_per_epoch", type=int, default=25)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    a = p.parse_args(argv)
+    _setup_logging()
+    from samunet.demo import run_demo
+    r = run_demo(a.o, a.dataset, a.epochs, a.iterations_per_epoch, a.batch_size, a.device)
+    print(f"samunet demo on {r['dataset']}: validation Dice (fold 0, {r['validation_cases']} cases) "
+          f"{r['validation_foreground_dice']:.4f}", end="")
+    if "test_foreground_dice" in r:
+        per = ", ".join(f"{k} {v:.4f}" for k, v in r["test_dice_per_class"].items())
+        print(f"; held-out test Dice {r['test_foreground_dice']:.4f} ({per})", end="")
+    print(f"; {r['seconds']:.0f} s")
+
+
+@_entry
+def find_best_configuration_entry(argv=None):
+    p = argparse.ArgumentParser(prog="samunet_find_best_configuration",
+                                description="Compare cross-validation results of every trained model, try "
+                                            "ensembles and post-processing, write inference instructions.")
+    p.add_argument("dataset", help="data set id or name")
+    p.add_argument("-f", nargs="+", default=["0", "1", "2", "3", "4"], help="folds to use (default 0 1 2 3 4)")
+    p.add_argument("--disable_ensembling", action="store_true")
+    a = p.parse_args(argv)
+    _setup_logging()
+    from samunet.evaluation.find_best import find_best_configuration
+    r = find_best_configuration(a.dataset, a.f, not a.disable_ensembling)
+    print(f"best: {r['best']} (foreground Dice {r['best_foreground_dice']:.4f}); instructions in "
+          f"samunet_results/{r['dataset']}/inference_instructions.txt")
+
+
+@_entry
+def ensemble_entry(argv=None):
+    p = argparse.ArgumentParser(prog="samunet_ensemble", description="Average saved probabilities of predictions.")
+    p.add_argument("-i", nargs="+", required=True, help="prediction folders with CASE.npz")
+    p.add_argument("-o", required=True, help="output folder")
+    a = p.parse_args(argv)
+    _setup_logging()
+    from samunet.evaluation.ensemble_postprocess import ensemble_folders
+    ensemble_folders(a.i, a.o)
+
+
+@_entry
+def apply_postprocessing_entry(argv=None):
+    p = argparse.ArgumentParser(prog="samunet_apply_postprocessing",
+                                description="Apply the post-processing chosen by samunet_find_best_configuration.")
+    p.add_argument("-i", required=True, help="folder of predicted label files")
+    p.add_argument("-o", required=True, help="output folder")
+    p.add_argument("-pp_pkl_file", required=True, help="postprocessing.json written by find_best_configuration")
+    p.add_argument("-file_ending", default=None, help="default: from the input folder's dataset.json")
+    a = p.parse_args(argv)
+    _setup_logging()
+    from pathlib import Path
+    from samunet.evaluation.ensemble_postprocess import apply_postprocessing_folder
+    from samunet.utils import load_json
+    ending = a.file_ending or load_json(Path(a.i) / "dataset.json")["file_ending"]
+    apply_postprocessing_folder(a.i, a.o, load_json(a.pp_pkl_file), ending)

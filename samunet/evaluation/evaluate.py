@@ -63,12 +63,13 @@ def _evaluate_case_args(args: tuple) -> dict:
 def evaluate_folder(gt_folder: str | Path, pred_folder: str | Path, labels: Sequence[int], file_ending: str,
                     num_processes: int = 2, output_file: str | Path | None = None,
                     nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM, chill: bool = False,
-                    ignore_label: int | None = None) -> dict:
+                    ignore_label: int | None = None, cases: Sequence[str] | None = None) -> dict:
     """Evaluate every reference file in ``gt_folder`` against the file of the same name in ``pred_folder``.
 
     ``labels`` are the label values to evaluate (usually the foreground labels). A reference without a prediction
     is an error naming it, unless ``chill`` is set: then only the references that have a prediction are evaluated.
-    Predictions without a reference are skipped with a warning. ``output_file`` defaults to
+    Predictions without a reference are skipped with a warning. ``cases`` (identifiers) restricts the evaluation
+    to those references, e.g. the validation cases of one fold. ``output_file`` defaults to
     ``pred_folder/summary.json``; it is written atomically. Returns the summary dict.
     """
     gt_folder, pred_folder = Path(gt_folder), Path(pred_folder)
@@ -85,6 +86,12 @@ def evaluate_folder(gt_folder: str | Path, pred_folder: str | Path, labels: Sequ
     if nsd_tolerance_mm < 0:
         raise SamunetError(f"the NSD tolerance must be >= 0 mm, got {nsd_tolerance_mm}")
     refs = _files(gt_folder, file_ending)
+    if cases is not None:
+        wanted = {f"{c}{file_ending}" for c in cases}
+        absent = sorted(wanted - set(refs))
+        if absent:
+            raise SamunetError(f"{gt_folder}: no reference for {', '.join(absent[:5])}")
+        refs = [f for f in refs if f in wanted]
     preds = set(_files(pred_folder, file_ending))
     if not refs:
         raise SamunetError(f"{gt_folder}: no reference files ending in {file_ending}")

@@ -21,6 +21,9 @@ TILE_STEP = 0.5                   # sliding-window step as a fraction of the til
 MAX_BATCH_SIZE = 32
 MIN_BATCH_SIZE = 2
 CPU_GFLOPS_REFERENCE = 55.0       # LiteMedSAM fp32 eager, measured on a 2-core CPU: 75 GFLOP in ~1.35 s
+MIN_ITERATIONS, MAX_ITERATIONS = 25, 250
+NUM_EPOCHS_CACHED, NUM_EPOCHS_ON_THE_FLY = 100, 50
+INITIAL_LR = {"autosam": 1e-3, "cnn": 1e-3, "linear": 1e-3}
 RGB_NAMES = ({"r", "g", "b"}, {"red", "green", "blue"})
 
 
@@ -180,6 +183,9 @@ def _configuration(name: str, context: int, fingerprint: dict, spec: EncoderSpec
     if opts.get("head"):
         head, head_reason = opts["head"], "set by the user (--head)"
     normalisation = _normalisation(fingerprint)
+    train_inputs = max(1, int(n_images * (1 - 1 / 5)))  # a 5-fold training split
+    iterations = int(min(MAX_ITERATIONS, max(MIN_ITERATIONS, math.ceil(train_inputs / batch))))
+    epochs = NUM_EPOCHS_CACHED if cache else NUM_EPOCHS_ON_THE_FLY
     preprocessing = {
         "version": PREPROCESSING_VERSION,
         "transpose_forward": transpose,
@@ -211,6 +217,13 @@ def _configuration(name: str, context: int, fingerprint: dict, spec: EncoderSpec
         "head_reason": head_reason,
         "batch_size": batch,
         "batch_size_reason": batch_reason,
+        "num_epochs": epochs,
+        "iterations_per_epoch": iterations,
+        "training_reason": (f"one epoch draws about as many samples as a training fold has encoder inputs "
+                            f"(~{train_inputs}), within [{MIN_ITERATIONS}, {MAX_ITERATIONS}] iterations; "
+                            f"{epochs} epochs {'on cached embeddings' if cache else 'with on-the-fly encoding'}; "
+                            "override with samunet_train --epochs"),
+        "initial_lr": dict(INITIAL_LR),
         "cache_embeddings": bool(cache),
         "estimated_cache_gb": round(cache_gb, 3),
         "cache_reason": cache_reason,

@@ -1,0 +1,95 @@
+"""Ensembling saved probabilities and keep-largest-component post-processing.
+
+``samunet_ensemble -i F1 F2 ... -o OUT`` averages the ``CASE.npz`` probabilities that ``samunet_predict
+--save_probabilities`` (or ``samunet_train --npz`` for validation) wrote, and writes label maps with the geometry of
+the first folder's label file for that case. Post-processing keeps, for the chosen classes, only the largest
+connected component, as nnU-Net's post-processing does.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from samunet.dataset.io import read_seg, write_seg
+from samunet.utils import SamunetError, load_json, save_json
+
+logger = logging.getLogger("samunet")
+
+
+def _label_values(folder: Path) -> list[int]:
+    for name in ("dataset.json", "plans.json"):
+        if (folder / name).is_file():
+            meta = load_json(folder / name)
+            if "labels" in meta:
+                return sorted(int(v) for v in meta["labels"].values())
+            if "label_values" in meta:
+                return sorted(int(v) for v in meta["label_values"])
+    raise SamunetError(f"{folder}: no dataset.json or plans.json to take the label values from")
+
+
+def ensemble_folders(input_folders, output_folder, file_ending: str | None = None) -> list[str]:
+    folders = [Path(f) for f in input_folders]
+    if len(folders) < 2:
+        raise SamunetError("give at least two folders to ensemble")
+    for f in folders:
+        if not f.is_dir():
+            raise SamunetError(f"{f}: folder not found")
+    if file_ending is None:
+        file_ending = load_json(folders[0] / "dataset.json")["file_ending"] if (folders[0] / "dataset.json").is_file() \
+            else ".nii.gz"
+    label_values = np.asarray(_label_values(folders[0]))
+    cases = sorted(set.intersection(*[{p.name[:-4] for p in f.glob("*.npz")} for f in folders]))
+    if not cases:
+        raise SamunetError("the folders have no CASE.npz probabilities in common; predict with --save_probabilities")
+    out = Path(output_folder)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("dataset.json", "plans.json"):
+        if (folders[0] / name).is_file():
+            shutil.copyfile(folders[0] / name, out / name)
+    for case in cases:
+        probs = None
+        for f in folders:
+            with np.load(f / f"{case}.npz") as z:
+                p = z["probabilities"].astype(np.float32)
+            if probs is not None and p.shape != probs.shape:
+                raise SamunetError(f"{f / (case + '.npz')}: probabilities of shape {p.shape} do not match "
+                                   f"{folders[0] / (case + '.npz')} ({probs.shape})")
+            probs = p if probs is None else probs + p
+        ref_file = folders[0] / f"{case}{file_ending}"
+        if not ref_file.is_file():
+            raise SamunetError(f"{ref_file}: label file missing; it supplies the geometry of case {case}")
+        _, props = read_seg(ref_file)
+        write_seg(label_values[probs.argmax(0)], props, out / f"{case}{file_ending}")
+    logger.info("ensembled %d case(s) of %d folders into %s", len(cases), len(folders), out)
+    return cases
+
+
+def keep_largest_component(seg: np.ndarray, classes) -> np.ndarray:
+    """For each class in ``classes`` keep only its largest connected component (26/8-connectivity)."""
+    seg = seg.copy()
+    squeezed = seg[0] if seg.shape[0] == 1 else seg
+    structure = ndimage.generate_binary_structure(squeezed.ndim, squeezed.ndim)
+    for c in classes:
+        mask = squeezed == c
+        lab, n = ndimage.label(mask, structure)
+        if n > 1:
+            sizes = np.bincount(lab.ravel())[1:]
+            squeezed[(lab > 0) & (lab != 1 + int(np.argmax(sizes)))] = 0
+    return seg
+
+
+def apply_postprocessing_folder(input_folder, output_folder, postprocessing: dict, file_ending: str) -> int:
+    """Apply ``{"keep_largest_component": [classes]}`` to every label file of a folder."""
+    classes = postprocessing.get("keep_largest_component", [])
+    inp, out = Path(input_folder), Path(output_folder)
+    out.mkdir(parents=True, exist_ok=True)
+    files = sorted(p for p in inp.iterdir() if p.name.endswith(file_ending) and not p.name.startswith("."))
+    for f in files:
+        seg, props = read_seg(f)
+        write_seg(keep_largest_component(seg, classes) if classes else seg, props, out / f.name)
+    save_json(postprocessing, out / "postprocessing.json")
+    return len(files)

@@ -1,0 +1,124 @@
+"""``samunet_find_best_configuration``: compare cross-validation results, try ensembles and post-processing,
+and write the inference instructions.
+
+Every trained model folder (``TRAINER__PLANS__CONFIG``, any head or configuration) whose requested folds all have a
+final validation takes part. Their validation predictions are gathered into one cross-validation folder and
+evaluated together. Pairs of models whose validations were saved with probabilities (``samunet_train --npz``) are
+ensembled. Keep-largest-component post-processing is then tried on the best candidate, for all foreground classes
+at once and for each class alone, and kept where it raises the mean foreground Dice.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import shutil
+from pathlib import Path
+
+from samunet.evaluation.ensemble_postprocess import apply_postprocessing_folder, ensemble_folders
+from samunet.evaluation.evaluate import evaluate_folder
+from samunet.paths import preprocessed_folder, resolve_dataset_name, results_folder
+from samunet.utils import SamunetError, load_json, save_json
+
+logger = logging.getLogger("samunet")
+
+
+def _gather(model_dir: Path, folds, out: Path, ending: str, with_npz: bool) -> bool:
+    out.mkdir(parents=True, exist_ok=True)
+    for f in folds:
+        val = model_dir / f"fold_{f}" / "validation"
+        for p in val.iterdir():
+            if p.name.endswith(ending) or (with_npz and p.suffix == ".npz"):
+                shutil.copyfile(p, out / p.name)
+    for name in ("dataset.json", "plans.json"):
+        shutil.copyfile(model_dir / name, out / name)
+    return True
+
+
+def find_best_configuration(dataset, folds=(0, 1, 2, 3, 4), allow_ensembles: bool = True) -> dict:
+    name = resolve_dataset_name(dataset)
+    res = results_folder() / name
+    gt = preprocessed_folder() / name / "gt_segmentations"
+    if not gt.is_dir():
+        raise SamunetError(f"{gt}: reference segmentations not found; run samunet_preprocess -d {name}")
+    folds = [str(f) for f in folds]
+    tag = "_".join(folds)
+    candidates, skipped = {}, {}
+    for model_dir in sorted(p for p in res.glob("*__*__*") if p.is_dir()):
+        missing = [f for f in folds if not (model_dir / f"fold_{f}" / "validation" / "summary.json").is_file()]
+        if missing:
+            skipped[model_dir.name] = f"no final validation for fold(s) {', '.join(missing)}"
+            continue
+        candidates[model_dir.name] = model_dir
+    if not candidates:
+        raise SamunetError(f"{res}: no model with a final validation for folds {', '.join(folds)} "
+                           f"({'; '.join(f'{k}: {v}' for k, v in skipped.items()) or 'no trained models'})")
+    dataset_json = load_json(next(iter(candidates.values())) / "dataset.json")
+    ending = dataset_json["file_ending"]
+    labels = sorted(v for v in dataset_json["labels"].values() if v != 0)
+    work = res / f"crossval_results_folds_{tag}"
+    results, folders, has_npz = {}, {}, {}
+    for key, model_dir in candidates.items():
+        out = work / key
+        has_npz[key] = all(list((model_dir / f"fold_{f}" / "validation").glob("*.npz")) for f in folds)
+        _gather(model_dir, folds, out, ending, has_npz[key])
+        s = evaluate_folder(gt, out, labels, ending, output_file=out / "summary.json", chill=True)
+        results[key] = s["foreground_mean"]["Dice"]
+        folders[key] = out
+    if allow_ensembles:
+        for a, b in itertools.combinations(sorted(k for k in candidates if has_npz[k]), 2):
+            key = f"ensemble___{a}___{b}"
+            out = work / key
+            ensemble_folders([folders[a], folders[b]], out, ending)
+            s = evaluate_folder(gt, out, labels, ending, output_file=out / "summary.json", chill=True)
+            results[key] = s["foreground_mean"]["Dice"]
+            folders[key] = out
+    best = max(results, key=results.get)
+    base = results[best]
+    pp_classes: list[int] = []
+    trials = {}
+    for classes in [labels] + ([[c] for c in labels] if len(labels) > 1 else []):
+        out = work / f"postprocessing_{best}" / "_".join(map(str, classes))
+        apply_postprocessing_folder(folders[best], out, {"keep_largest_component": classes}, ending)
+        d = evaluate_folder(gt, out, labels, ending, output_file=out / "summary.json", chill=True)["foreground_mean"]["Dice"]
+        trials["_".join(map(str, classes))] = d
+        if d > base + 1e-4 and len(classes) > 1:
+            pp_classes = list(classes)
+            base = d
+    if len(labels) > 1 and not pp_classes:
+        pp_classes = [int(k) for k, d in trials.items() if "_" not in k and d > results[best] + 1e-4]
+    pp = {"keep_largest_component": pp_classes}
+    final_dice = trials.get("_".join(map(str, pp_classes)), results[best]) if pp_classes else results[best]
+    summary = {"dataset": name, "folds": folds, "results": results, "skipped": skipped, "best": best,
+               "best_foreground_dice": results[best], "postprocessing": pp, "postprocessing_trials": trials,
+               "foreground_dice_after_postprocessing": final_dice}
+    save_json(summary, res / "inference_information.json")
+    save_json(pp, res / "postprocessing.json")
+    (res / "inference_instructions.txt").write_text(_instructions(name, best, folds, pp, has_npz), encoding="utf-8")
+    logger.info("best: %s (cross-validation foreground Dice %.4f%s)", best, results[best],
+                f", {final_dice:.4f} with post-processing" if pp_classes else "")
+    return summary
+
+
+def _predict_cmd(name: str, model_key: str, folds, out: str, npz: bool) -> str:
+    trainer, plans, config = model_key.split("__")
+    return (f"samunet_predict_from_modelfolder -i INPUT_FOLDER -o {out} -m $samunet_results/{name}/{model_key} "
+            f"-f {' '.join(folds)}" + (" --save_probabilities" if npz else ""))
+
+
+def _instructions(name: str, best: str, folds, pp: dict, has_npz: dict) -> str:
+    lines = [f"Inference instructions for {name} (from samunet_find_best_configuration)", ""]
+    final_folder = "OUTPUT_FOLDER"
+    if best.startswith("ensemble___"):
+        a, b = best[len("ensemble___"):].split("___")
+        lines += ["Predict with both models, keeping probabilities, then ensemble:",
+                  _predict_cmd(name, a, folds, "OUTPUT_FOLDER_MODEL_1", True),
+                  _predict_cmd(name, b, folds, "OUTPUT_FOLDER_MODEL_2", True),
+                  "samunet_ensemble -i OUTPUT_FOLDER_MODEL_1 OUTPUT_FOLDER_MODEL_2 -o OUTPUT_FOLDER"]
+    else:
+        lines += ["Predict:", _predict_cmd(name, best, folds, "OUTPUT_FOLDER", False)]
+    if pp.get("keep_largest_component"):
+        lines += ["", "Then post-process (keep the largest component of classes "
+                  f"{pp['keep_largest_component']}):",
+                  f"samunet_apply_postprocessing -i {final_folder} -o OUTPUT_FOLDER_PP "
+                  f"-pp_pkl_file $samunet_results/{name}/postprocessing.json"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,131 @@
+"""``samunet_predict``: predict a folder of cases with a fold ensemble, in the original geometry.
+
+Each case is preprocessed exactly as in training, predicted slice by slice (the encoder runs once per slice and
+mirroring view for all folds), and exported by inverting every preprocessing step. Outputs are written under a
+temporary name and renamed, so a killed run never leaves a half-written file; ``continue_prediction`` skips cases
+whose output exists. A case that cannot be predicted is reported by name and the others are still predicted.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from samunet.dataset.dataset_json import list_cases, stray_files
+from samunet.dataset.io import write_seg
+from samunet.inference.predictor import predict_preprocessed, probabilities_to_segmentation
+from samunet.preprocessing.preprocessor import preprocess_case
+from samunet.training.checkpoint import check_compatible, load_checkpoint
+from samunet.utils import SamunetError, atomic_write_bytes, load_json, save_json
+
+logger = logging.getLogger("samunet")
+
+
+def parse_model_folder(model_dir: Path) -> tuple[str, str, str]:
+    parts = model_dir.name.split("__")
+    if len(parts) != 3:
+        raise SamunetError(f"{model_dir}: not a samunet model folder (expected TRAINER__PLANS__CONFIGURATION)")
+    return parts[0], parts[1], parts[2]
+
+
+class EnsemblePredictor:
+    def __init__(self, model_dir: str | Path, folds=None, checkpoint: str = "checkpoint_final.pth",
+                 device: str = "auto", tta: bool = True):
+        from samunet.models.encoders import encoder_identity
+        from samunet.models.heads import build_head
+        from samunet.training.trainer import build_encoder_for_plans, resolve_device
+        self.model_dir = Path(model_dir)
+        if not self.model_dir.is_dir():
+            raise SamunetError(f"{self.model_dir}: model folder not found")
+        _, _, self.configuration = parse_model_folder(self.model_dir)
+        self.plans = load_json(self.model_dir / "plans.json")
+        self.dataset_json = load_json(self.model_dir / "dataset.json")
+        self.config = self.plans["configurations"][self.configuration]
+        self.label_values = self.plans["label_values"]
+        self.device = resolve_device(device)
+        self.tta = tta
+        available = sorted(p.name[len("fold_"):] for p in self.model_dir.glob("fold_*")
+                           if (p / checkpoint).is_file())
+        if folds is None:
+            folds = available
+            if not folds:
+                raise SamunetError(f"{self.model_dir}: no fold_* folder with {checkpoint}; train first")
+        self.folds = [str(f) for f in folds]
+        for f in self.folds:
+            if f not in available:
+                raise SamunetError(f"{self.model_dir}: fold {f} has no {checkpoint} (available folds with it: "
+                                   f"{', '.join(available) or 'none'})")
+        self.encoder = build_encoder_for_plans(self.plans, self.config, self.device)
+        identity = encoder_identity(self.encoder)
+        self.heads = []
+        for f in self.folds:
+            path = self.model_dir / f"fold_{f}" / checkpoint
+            state = load_checkpoint(path)
+            check_compatible(state, path, {"configuration": self.configuration, "encoder_identity": identity,
+                                           "preprocessing_identity": self.config["preprocessing_identity"]})
+            head = build_head(state["head"], self.encoder, len(self.label_values),
+                              in_channels_multiplier=int(state["in_channels_multiplier"]))
+            head.load_state_dict(state["head_state"])
+            self.heads.append(head.to(self.device).eval())
+
+    def predict_case(self, image_files, output_file: Path, save_probabilities: bool = False) -> None:
+        data, _, props = preprocess_case(image_files, None, self.config, self.label_values)
+        probs_pp = predict_preprocessed(data, self.config, self.encoder, self.heads, len(self.label_values),
+                                        tta=self.tta, batch_size=int(self.config["batch_size"]), device=self.device)
+        seg, probs = probabilities_to_segmentation(probs_pp, props, self.label_values)
+        if save_probabilities:
+            import io
+            buf = io.BytesIO()
+            np.savez_compressed(buf, probabilities=probs.astype(np.float16))
+            atomic_write_bytes(output_file.with_name(output_file.name[: -len(self.plans["file_ending"])] + ".npz"),
+                               buf.getvalue())
+        write_seg(seg, props["original"], output_file)
+
+
+def predict_folder(input_folder, output_folder, model_dir, folds=None, checkpoint="checkpoint_final.pth",
+                   tta: bool = True, save_probabilities: bool = False, continue_prediction: bool = False,
+                   device: str = "auto") -> dict:
+    input_folder, output_folder = Path(input_folder), Path(output_folder)
+    predictor = EnsemblePredictor(model_dir, folds, checkpoint, device, tta)
+    ending = predictor.plans["file_ending"]
+    if not input_folder.is_dir():
+        raise SamunetError(f"{input_folder}: input folder not found")
+    cases = list_cases(input_folder, ending)
+    stray = stray_files(input_folder, ending)
+    if not cases:
+        raise SamunetError(f"{input_folder}: no cases named CASE_XXXX{ending}"
+                           + (f" (found {', '.join(p.name for p in stray[:3])}: wrong file ending?)" if stray else ""))
+    output_folder.mkdir(parents=True, exist_ok=True)
+    save_json(predictor.plans, output_folder / "plans.json")
+    save_json(predictor.dataset_json, output_folder / "dataset.json")
+    save_json({"input_folder": str(input_folder), "model_folder": str(predictor.model_dir), "folds": predictor.folds,
+               "checkpoint": checkpoint, "tta": tta, "save_probabilities": save_probabilities,
+               "device": str(predictor.device)}, output_folder / "predict_from_raw_data_args.json")
+    n_channels = len(predictor.plans["channel_names"])
+    failed, done, skipped = {}, [], []
+    for p in stray:
+        failed[p.name] = f"{p}: does not match CASE_XXXX{ending} (wrong file ending or name); not predicted"
+    for case in tqdm(cases, desc="predict"):
+        out = output_folder / f"{case.identifier}{ending}"
+        if continue_prediction and out.is_file():
+            skipped.append(case.identifier)
+            continue
+        try:
+            if case.channel_indices != list(range(len(case.image_files))):
+                raise SamunetError(f"channel files {case.channel_indices} are not numbered 0..N-1")
+            predictor.predict_case(case.image_files, out, save_probabilities)
+            done.append(case.identifier)
+        except SamunetError as e:
+            msg = str(e)
+            if "plans expect" in msg and "channel" in msg:
+                msg += f" (the model was trained on {n_channels} channel(s): {', '.join(predictor.plans['channel_names'])})"
+            failed[case.identifier] = f"case {case.identifier}: {msg}"
+            logger.error("case %s failed: %s", case.identifier, msg)
+    if skipped:
+        logger.info("%d case(s) already predicted were skipped (--continue_prediction)", len(skipped))
+    if failed:
+        raise SamunetError(f"{len(failed)} case(s) could not be predicted (the other {len(done)} were written to "
+                           f"{output_folder}):\n  - " + "\n  - ".join(failed.values()))
+    return {"predicted": done, "skipped": skipped}

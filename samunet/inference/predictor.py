@@ -1,0 +1,67 @@
+"""Slice-wise prediction shared by final validation and ``samunet_predict``.
+
+For each slice the frozen encoder runs once per test-time-augmentation view; every fold's head reuses that
+embedding, so an ensemble of five folds costs one encoder pass, not five. Class probabilities are averaged over
+heads (folds) and views, blended over tiles with a Gaussian weight in sliding-window mode, and mapped back through
+every preprocessing step to the original file's geometry.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from samunet.preprocessing.encoder_inputs import encoder_inputs, make_layout, probabilities_to_slice, slice_images
+from samunet.preprocessing.preprocessor import revert_probabilities
+
+# mirroring views for test-time augmentation: flipped in-plane axes of a (..., Y, X) slice
+TTA_VIEWS = [(), (-1,), (-2,), (-2, -1)]
+
+
+def _flip(a, axes):
+    if not axes:
+        return a
+    if isinstance(a, torch.Tensor):
+        return torch.flip(a, axes)
+    return np.flip(a, axes)
+
+
+@torch.inference_mode()
+def predict_preprocessed(data: np.ndarray, config: dict, encoder, heads: list, num_classes: int, tta: bool = True,
+                         cached_embeddings=None, batch_size: int = 16, device="cpu") -> np.ndarray:
+    """Class probabilities ``(K, S, Y, X)`` for a preprocessed case ``(C, S, Y, X)``.
+
+    ``cached_embeddings`` (rows in slice-major, tile-minor order, as the embedding cache stores them) replace the
+    encoder for the un-flipped view.
+    """
+    s_count = data.shape[1]
+    layout = make_layout(data.shape[2:], config)
+    n_tiles = len(layout["tiles"])
+    views = TTA_VIEWS if tta else TTA_VIEWS[:1]
+    out = np.zeros((num_classes, s_count, *data.shape[2:]), np.float32)
+    slices_per_chunk = max(1, batch_size // n_tiles)
+    weight = 1.0 / (len(views) * len(heads))
+    for start in range(0, s_count, slices_per_chunk):
+        chunk = range(start, min(s_count, start + slices_per_chunk))
+        for view in views:
+            if not view and cached_embeddings is not None:
+                emb = torch.from_numpy(np.asarray(
+                    cached_embeddings[start * n_tiles:(chunk[-1] + 1) * n_tiles], dtype=np.float32)).to(device)
+            else:
+                x = torch.cat([encoder_inputs(np.ascontiguousarray(_flip(slice_images(data, s, config), view)),
+                                              layout) for s in chunk])  # (n*T, n_enc, 3, P, P)
+                n_enc = x.shape[1]
+                e = encoder(x.reshape(-1, *x.shape[2:]).to(device)).float()
+                emb = e.reshape(x.shape[0], n_enc * e.shape[1], *e.shape[2:])
+            for head in heads:
+                logits = head(emb).float().cpu()
+                for i, s in enumerate(chunk):
+                    probs = probabilities_to_slice(logits[i * n_tiles:(i + 1) * n_tiles], layout)
+                    out[:, s] += weight * _flip(probs, view).numpy()
+    return out
+
+
+def probabilities_to_segmentation(probs_pp: np.ndarray, properties: dict, label_values) -> tuple[np.ndarray, np.ndarray]:
+    """Preprocessed-space probabilities -> (label map, probabilities) in the original array's geometry."""
+    probs = revert_probabilities(probs_pp, properties)
+    seg = np.asarray(sorted(label_values))[probs.argmax(0)]
+    return seg, probs

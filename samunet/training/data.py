@@ -1,0 +1,163 @@
+"""Training batches: from the embedding cache, or encoded on the fly with batchgenerators augmentation.
+
+Sampling follows nnU-Net: a third of each batch is forced to contain foreground (a class is picked uniformly among
+the foreground classes, then a slice or tile containing it); the rest is drawn uniformly. Randomness comes from a
+generator seeded with (seed, epoch), so a resumed run draws exactly the batches an uninterrupted run would.
+Batches are produced by a background thread so the model does not wait for the disk.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+
+import numpy as np
+import torch
+
+from samunet.preprocessing.encoder_inputs import encoder_inputs, make_layout, slice_images, target_inputs
+
+OVERSAMPLE_FOREGROUND = 0.33
+
+
+class _RowSampler:
+    """Holds, for each sampleable row, which foreground classes it contains."""
+
+    def __init__(self, presence: np.ndarray):
+        self.presence = presence  # (rows, K-1) bool
+        self.by_class = [np.flatnonzero(presence[:, c]) for c in range(presence.shape[1])]
+        self.with_any = [c for c, rows in enumerate(self.by_class) if len(rows)]
+
+    def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        rows = rng.integers(0, len(self.presence), n)
+        if self.with_any:
+            forced = rng.random(n) < OVERSAMPLE_FOREGROUND
+            for i in np.flatnonzero(forced):
+                cls = self.with_any[rng.integers(len(self.with_any))]
+                rows[i] = self.by_class[cls][rng.integers(len(self.by_class[cls]))]
+        return rows
+
+
+class CachedData:
+    """Rows of the embedding cache for a set of cases."""
+
+    def __init__(self, cache, identifiers: list[str], num_classes: int):
+        self.items = [cache.load(i) for i in identifiers]
+        self.index = np.array([(ci, r) for ci, (emb, _, _) in enumerate(self.items) for r in range(len(emb))])
+        presence = np.zeros((len(self.index), max(0, num_classes - 1)), bool)
+        row = 0
+        for _, tgt, _ in self.items:
+            t = np.asarray(tgt).reshape(len(tgt), -1)
+            for c in range(1, num_classes):
+                presence[row:row + len(t), c - 1] = (t == c).any(1)
+            row += len(t)
+        self.sampler = _RowSampler(presence)
+
+    def __len__(self):
+        return len(self.index)
+
+    def batch(self, rows) -> dict:
+        embs, tgts = [], []
+        for r in rows:
+            ci, k = self.index[r]
+            emb, tgt, _ = self.items[ci]
+            embs.append(torch.from_numpy(np.asarray(emb[k], dtype=np.float32)))
+            tgts.append(torch.from_numpy(np.asarray(tgt[k], dtype=np.int64)))
+        return {"emb": torch.stack(embs), "target": torch.stack(tgts)}
+
+
+def _augmentation():
+    from batchgenerators.transforms.abstract_transforms import Compose
+    from batchgenerators.transforms.color_transforms import (BrightnessMultiplicativeTransform,
+                                                             ContrastAugmentationTransform, GammaTransform)
+    from batchgenerators.transforms.noise_transforms import GaussianNoiseTransform
+    from batchgenerators.transforms.spatial_transforms import MirrorTransform, SpatialTransform
+    return Compose([
+        SpatialTransform(None, do_elastic_deform=False, do_rotation=True, angle_x=(-np.pi / 12, np.pi / 12),
+                         do_scale=True, scale=(0.85, 1.25), border_mode_data="constant", border_cval_data=0,
+                         order_data=1, border_mode_seg="constant", border_cval_seg=0, order_seg=0,
+                         random_crop=False, p_rot_per_sample=0.2, p_scale_per_sample=0.2),
+        GaussianNoiseTransform((0, 0.01), p_per_sample=0.1),
+        BrightnessMultiplicativeTransform((0.75, 1.25), p_per_sample=0.15),
+        ContrastAugmentationTransform((0.75, 1.25), p_per_sample=0.15),
+        GammaTransform((0.7, 1.5), retain_stats=True, p_per_sample=0.3),
+        MirrorTransform((0, 1)),
+    ])
+
+
+class OnTheFlyData:
+    """Slices of preprocessed cases, augmented and turned into encoder inputs for each batch."""
+
+    def __init__(self, data_folder, identifiers: list[str], config: dict, label_values, augment: bool):
+        from samunet.utils import load_json
+        self.config = config
+        self.label_values = list(label_values)
+        self.cases = []
+        index, presence = [], []
+        fg_values = [v for v in sorted(label_values) if v != 0]
+        for ci, ident in enumerate(identifiers):
+            data = np.load(data_folder / f"{ident}.npy", mmap_mode="r")
+            seg = np.load(data_folder / f"{ident}_seg.npy", mmap_mode="r")
+            props = load_json(data_folder / f"{ident}.json")
+            self.cases.append((data, seg))
+            with_class = [set(props.get("slices_with_class", {}).get(str(v), [])) for v in fg_values]
+            for s in range(data.shape[1]):
+                index.append((ci, s))
+                presence.append([s in w for w in with_class])
+        self.index = np.array(index)
+        self.sampler = _RowSampler(np.array(presence, bool).reshape(len(index), len(fg_values)))
+        self.transform = _augmentation() if augment else None
+
+    def __len__(self):
+        return len(self.index)
+
+    def batch(self, rows, rng: np.random.Generator | None = None) -> dict:
+        images, targets = [], []
+        for r in rows:
+            ci, s = self.index[r]
+            data, seg = self.cases[ci]
+            img = slice_images(data, int(s), self.config)  # (n_enc, 3, Y, X)
+            lab = np.asarray(seg[s])
+            if self.transform is not None:
+                n_enc = img.shape[0]
+                d = {"data": img.reshape(1, -1, *img.shape[-2:]).astype(np.float32),
+                     "seg": np.searchsorted(sorted(self.label_values), lab)[None, None].astype(np.float32)}
+                d = self.transform(**d)
+                img = np.clip(d["data"][0], 0, 1).reshape(n_enc, 3, *img.shape[-2:])
+                lab = np.asarray(sorted(self.label_values))[np.rint(d["seg"][0, 0]).astype(np.int64)]
+            layout = make_layout(lab.shape, self.config)
+            if layout["mode"] == "sliding_window":  # one random tile per sample during training
+                p = layout["size"]
+                gen = rng if rng is not None else np.random.default_rng()
+                layout["tiles"] = [[int(gen.integers(0, max(1, lab.shape[0] - p + 1))),
+                                    int(gen.integers(0, max(1, lab.shape[1] - p + 1)))]]
+            images.append(encoder_inputs(img, layout)[0])
+            targets.append(target_inputs(lab, layout, self.label_values)[0])
+        return {"images": torch.stack(images), "target": torch.stack(targets)}
+
+
+class BackgroundBatches:
+    """Produce ``n`` batches of ``data`` in a background thread."""
+
+    def __init__(self, data, n: int, batch_size: int, seed: int, epoch: int, prefetch: int = 3):
+        self.q: queue.Queue = queue.Queue(maxsize=prefetch)
+        self.n = n
+
+        def work():
+            rng = np.random.default_rng([seed, epoch])
+            np.random.seed((seed * 100003 + epoch) % 2**32)  # batchgenerators draws from numpy's global state
+            try:
+                for _ in range(n):
+                    rows = data.sampler.draw(rng, batch_size)
+                    b = data.batch(rows, rng) if isinstance(data, OnTheFlyData) else data.batch(rows)
+                    self.q.put(b)
+            except BaseException as e:  # surface loader errors in the training loop
+                self.q.put(e)
+
+        self.thread = threading.Thread(target=work, daemon=True)
+        self.thread.start()
+
+    def __iter__(self):
+        for _ in range(self.n):
+            b = self.q.get()
+            if isinstance(b, BaseException):
+                raise b
+            yield b

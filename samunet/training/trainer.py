@@ -1,0 +1,337 @@
+"""``samunet_train DATASET CONFIG FOLD``: train a prompt-free head on a frozen encoder for one fold.
+
+Results go to ``samunet_results/DatasetXXX/<trainer>__<plans>__<config>/fold_K`` where the trainer name carries
+the head and, for label-efficiency runs, the number of labelled cases (``samunetTrainer_autosam_n5``), so runs
+never overwrite each other.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from samunet.paths import preprocessed_folder, resolve_dataset_name, results_folder
+from samunet.planning.plans import get_configuration, load_plans
+from samunet.preprocessing.embedding_cache import EmbeddingCache
+from samunet.training.checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from samunet.training.data import BackgroundBatches, CachedData, OnTheFlyData
+from samunet.training.losses import confusion_counts, dice_ce_loss
+from samunet.training.progress import TextLog, new_log, plot_progress
+from samunet.training.splits import get_split, labeled_subset
+from samunet.utils import SamunetError, load_json, save_json
+
+logger = logging.getLogger("samunet")
+
+HEADS = ("autosam", "cnn", "linear")
+EMA_MOMENTUM = 0.9
+GRAD_CLIP = 12.0
+VAL_ROWS_CACHED = 512
+VAL_ROWS_ON_THE_FLY = 48
+
+
+def trainer_name(head: str, num_labeled_cases: int | None = None) -> str:
+    return f"samunetTrainer_{head}" + (f"_n{num_labeled_cases}" if num_labeled_cases else "")
+
+
+def model_folder(dataset_name: str, trainer: str, plans_name: str, config: str) -> Path:
+    return results_folder() / dataset_name / f"{trainer}__{plans_name}__{config}"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SamunetError("--device cuda was asked for, but PyTorch sees no CUDA GPU (use --device cpu or auto)")
+    if device not in ("cpu", "cuda"):
+        raise SamunetError(f"unknown device '{device}' (use auto, cpu or cuda)")
+    return torch.device(device)
+
+
+def build_encoder_for_plans(plans: dict, config: dict, device):
+    from samunet.models.encoders import build_encoder
+    enc = plans["encoder"]
+    # on the CPU the numerically equivalent fast float32 path (folded batch norm, fused convolutions) is used
+    return build_encoder(enc["name"], checkpoint=enc.get("checkpoint"), input_size=config["encoder_input_size"],
+                         device=device, optimise=torch.device(device).type == "cpu")
+
+
+class Trainer:
+    def __init__(self, dataset, configuration: str, fold, head: str | None = None, epochs: int | None = None,
+                 iterations_per_epoch: int | None = None, num_labeled_cases: int | None = None,
+                 device: str = "auto", use_cache: bool | None = None, seed: int = 12345,
+                 ram_budget_mb: float = 4000.0, batch_size: int | None = None):
+        self.dataset_name = resolve_dataset_name(dataset)
+        self.pp_folder = preprocessed_folder() / self.dataset_name
+        self.plans = load_plans(self.dataset_name)
+        self.configuration = configuration
+        self.config = get_configuration(self.plans, configuration)
+        self.fold = "all" if str(fold) == "all" else int(fold)
+        self.head_name = head or self.config["head"]
+        if self.head_name not in HEADS:
+            raise SamunetError(f"unknown head '{self.head_name}' (choose {', '.join(HEADS)})")
+        self.num_epochs = int(epochs or self.config["num_epochs"])
+        self.iterations = int(iterations_per_epoch or self.config["iterations_per_epoch"])
+        self.num_labeled_cases = num_labeled_cases
+        self.device = resolve_device(device)
+        self.use_cache = self.config["cache_embeddings"] if use_cache is None else use_cache
+        self.seed = seed
+        self.ram_budget_mb = ram_budget_mb
+        self.label_values = self.plans["label_values"]
+        self.num_classes = len(self.label_values)
+        self.batch_size = int(batch_size or self.config["batch_size"])
+        self.trainer = trainer_name(self.head_name, num_labeled_cases)
+        self.model_dir = model_folder(self.dataset_name, self.trainer, self.plans["plans_name"], configuration)
+        self.output = self.model_dir / (f"fold_{self.fold}")
+        self.log = new_log()
+        self.epoch = 0
+        self.best_ema = -1.0
+        self.encoder = self.head = self.optimizer = None
+
+    # ----------------------------------------------------------------- set-up
+    def _case_ids(self) -> list[str]:
+        fp = load_json(self.pp_folder / "dataset_fingerprint.json")
+        ids = fp["case_identifiers"]
+        data_dir = self.pp_folder / self.config["data_identifier"]
+        missing = [i for i in ids if not (data_dir / f"{i}.json").is_file()]
+        if missing:
+            raise SamunetError(f"{len(missing)} case(s) are not preprocessed in {data_dir} (e.g. {missing[0]}); "
+                               f"run samunet_preprocess -d {self.dataset_name} -c {self.configuration}")
+        return ids
+
+    def _identity(self) -> dict:
+        from samunet.models.encoders import encoder_identity
+        return encoder_identity(self.encoder)
+
+    def _expected(self) -> dict:
+        return {"dataset_name": self.dataset_name, "configuration": self.configuration, "head": self.head_name,
+                "fold": str(self.fold), "encoder_identity": self._identity(),
+                "preprocessing_identity": self.config["preprocessing_identity"]}
+
+    def initialize(self):
+        from samunet.models.heads import build_head
+        ids = self._case_ids()
+        train, val = get_split(self.pp_folder, ids, self.fold)
+        self.train_ids = labeled_subset(train, self.num_labeled_cases, self.fold, self.seed)
+        self.val_ids = val
+        torch.manual_seed(self.seed)
+        self.encoder = build_encoder_for_plans(self.plans, self.config, self.device)
+        n_ch = len(self.plans["channel_names"])
+        self.n_enc = n_ch if self.config["channel_rule"]["type"] == "encode_each_and_fuse" else 1
+        self.head = build_head(self.head_name, self.encoder, self.num_classes,
+                               in_channels_multiplier=self.n_enc).to(self.device)
+        self.initial_lr = float(self.config["initial_lr"][self.head_name])
+        self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=self.initial_lr, weight_decay=1e-4)
+        self.amp_dtype = None
+        if self.device.type == "cuda":
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.cache = EmbeddingCache(self.pp_folder, self.configuration, self.config, self._identity(),
+                                    self.label_values)
+        data_dir = self.pp_folder / self.config["data_identifier"]
+        if self.use_cache:
+            self.cache.build(sorted(set(self.train_ids) | set(self.val_ids)), self.encoder, self.ram_budget_mb)
+            self.train_data = CachedData(self.cache, self.train_ids, self.num_classes)
+            self.val_data = CachedData(self.cache, self.val_ids, self.num_classes)
+        else:
+            self.train_data = OnTheFlyData(data_dir, self.train_ids, self.config, self.label_values, augment=True)
+            self.val_data = OnTheFlyData(data_dir, self.val_ids, self.config, self.label_values, augment=False)
+        n_val = VAL_ROWS_CACHED if self.use_cache else VAL_ROWS_ON_THE_FLY
+        rng = np.random.default_rng([self.seed, 10**6])
+        self.val_rows = np.sort(rng.permutation(len(self.val_data))[:n_val])
+        self.text = TextLog(self.output)
+
+    # ----------------------------------------------------------------- checkpoints
+    def _state(self) -> dict:
+        return {**self._expected(), "trainer": self.trainer, "num_classes": self.num_classes,
+                "label_values": self.label_values, "in_channels_multiplier": self.n_enc,
+                "head_state": self.head.state_dict(), "optimizer_state": self.optimizer.state_dict(),
+                "scaler_state": self.scaler.state_dict(), "epoch": self.epoch, "num_epochs": self.num_epochs,
+                "iterations_per_epoch": self.iterations, "batch_size": self.batch_size, "seed": self.seed,
+                "log": self.log, "best_ema": self.best_ema, "train_cases": self.train_ids,
+                "use_cache": bool(self.use_cache)}
+
+    def save(self, name: str) -> None:
+        save_checkpoint(self._state(), self.output / name)
+
+    def load(self, path: Path) -> None:
+        state = load_checkpoint(path)
+        check_compatible(state, path, self._expected())
+        self.head.load_state_dict(state["head_state"])
+        self.optimizer.load_state_dict(state["optimizer_state"])
+        self.scaler.load_state_dict(state["scaler_state"])
+        self.epoch = int(state["epoch"])
+        self.log = state["log"]
+        self.best_ema = float(state["best_ema"])
+
+    # ----------------------------------------------------------------- steps
+    def _embed(self, batch: dict) -> torch.Tensor:
+        if "emb" in batch:
+            return batch["emb"].to(self.device, non_blocking=True)
+        x = batch["images"].to(self.device)
+        with torch.no_grad():
+            e = self.encoder(x.reshape(-1, *x.shape[2:])).float()
+        return e.reshape(x.shape[0], self.n_enc * e.shape[1], *e.shape[2:])
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return torch.autocast("cpu", enabled=False)
+        return torch.autocast("cuda", dtype=self.amp_dtype)
+
+    def train_epoch(self) -> float:
+        self.head.train()
+        lr = self.initial_lr * (1 - self.epoch / self.num_epochs) ** 0.9
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        torch.manual_seed(self.seed * 1000 + self.epoch)
+        losses = []
+        batches = BackgroundBatches(self.train_data, self.iterations, self.batch_size, self.seed, self.epoch)
+        for batch in tqdm(batches, total=self.iterations, desc=f"epoch {self.epoch}", leave=False):
+            emb = self._embed(batch)
+            if self.use_cache:  # feature-space regularisation, valid on cached embeddings
+                emb = F.dropout2d(emb, 0.1) + 0.05 * emb.std() * torch.randn_like(emb)
+            target = batch["target"].to(self.device)
+            with self._autocast():
+                loss = dice_ce_loss(self.head(emb), target)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.head.parameters(), GRAD_CLIP)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            losses.append(loss.item())
+        self.log["lr"].append(lr)
+        return float(np.mean(losses))
+
+    @torch.no_grad()
+    def validate_epoch(self) -> tuple[float, list[float]]:
+        self.head.eval()
+        counts = torch.zeros((self.num_classes, 3), dtype=torch.float64)
+        losses = []
+        for i in range(0, len(self.val_rows), self.batch_size):
+            batch = self.val_data.batch(self.val_rows[i:i + self.batch_size])
+            with self._autocast():
+                logits = self.head(self._embed(batch))
+            target = batch["target"].to(self.device)
+            losses.append(dice_ce_loss(logits, target).item())
+            counts += confusion_counts(logits.float().cpu(), target.cpu())
+        tp, fp, fn = counts[1:, 0], counts[1:, 1], counts[1:, 2]
+        dice = (2 * tp / (2 * tp + fp + fn).clamp_min(1)).tolist()
+        return float(np.mean(losses)) if losses else float("nan"), dice
+
+    # ----------------------------------------------------------------- main loop
+    def run(self, continue_training: bool = False) -> dict:
+        self.initialize()
+        final = self.output / "checkpoint_final.pth"
+        latest = self.output / "checkpoint_latest.pth"
+        if continue_training:
+            if latest.is_file():
+                self.load(latest)
+                self.text(f"resuming from {latest.name} after epoch {self.epoch}")
+            elif final.is_file():
+                self.load(final)
+                self.text("training had finished; loading checkpoint_final")
+            else:
+                self.text("no checkpoint to continue from; starting fresh")
+        elif final.is_file() or latest.is_file():
+            raise SamunetError(f"{self.output} already holds a training run; pass --c to continue it, or delete "
+                               "the folder to start over")
+        self._write_run_files()
+        self.text(f"{self.dataset_name} {self.configuration} fold {self.fold}: head {self.head_name}, "
+                  f"{len(self.train_ids)} training / {len(self.val_ids)} validation cases, "
+                  f"{len(self.train_data)} training inputs ({'cached embeddings' if self.use_cache else 'encoded on the fly'}), "
+                  f"{self.num_epochs} epochs x {self.iterations} iterations x batch {self.batch_size}, "
+                  f"device {self.device}")
+        while self.epoch < self.num_epochs:
+            t0 = time.time()
+            train_loss = self.train_epoch()
+            val_loss, dice = self.validate_epoch()
+            mean_dice = float(np.mean(dice)) if dice else float("nan")
+            prev = self.log["ema_dice"][-1] if self.log["ema_dice"] else mean_dice
+            ema = EMA_MOMENTUM * prev + (1 - EMA_MOMENTUM) * mean_dice
+            for k, v in (("train_loss", train_loss), ("val_loss", val_loss), ("pseudo_dice", mean_dice),
+                         ("ema_dice", ema), ("pseudo_dice_per_class", dice), ("epoch_time", time.time() - t0)):
+                self.log[k].append(v)
+            self.epoch += 1
+            improved = ema > self.best_ema
+            if improved:
+                self.best_ema = ema
+            self.save("checkpoint_latest.pth")
+            if improved:
+                self.save("checkpoint_best.pth")
+            plot_progress(self.log, self.output / "progress.png")
+            self.text(f"epoch {self.epoch - 1}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, pseudo Dice "
+                      f"{[round(d, 4) for d in dice]}, moving average {ema:.4f}"
+                      f"{' (new best)' if improved else ''}, {self.log['epoch_time'][-1]:.1f} s")
+        self.save("checkpoint_final.pth")
+        if latest.is_file():
+            latest.unlink()
+        return self.log
+
+    def _write_run_files(self) -> None:
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+        save_json(self.plans, self.model_dir / "plans.json")
+        for name in ("dataset.json", "dataset_fingerprint.json"):
+            if (self.pp_folder / name).is_file():
+                shutil.copyfile(self.pp_folder / name, self.model_dir / name)
+        save_json({"trainer": self.trainer, "head": self.head_name, "configuration": self.configuration,
+                   "fold": str(self.fold), "num_epochs": self.num_epochs, "iterations_per_epoch": self.iterations,
+                   "batch_size": self.batch_size, "num_labeled_cases": self.num_labeled_cases,
+                   "train_cases": self.train_ids, "val_cases": self.val_ids, "use_cache": bool(self.use_cache),
+                   "device": str(self.device), "seed": self.seed, "initial_lr": self.initial_lr},
+                  self.output / "debug.json")
+
+    # ----------------------------------------------------------------- final validation
+    def final_validation(self, checkpoint: str = "checkpoint_final.pth", save_probabilities: bool = False) -> dict:
+        """Predict the fold's validation cases in their original geometry and evaluate them (``summary.json``)."""
+        from samunet.dataset.io import write_seg
+        from samunet.evaluation.evaluate import evaluate_folder
+        from samunet.inference.predictor import predict_preprocessed, probabilities_to_segmentation
+        if self.head is None:
+            self.initialize()
+        path = self.output / checkpoint
+        state = load_checkpoint(path)
+        check_compatible(state, path, self._expected())
+        self.head.load_state_dict(state["head_state"])
+        self.head.eval()
+        data_dir = self.pp_folder / self.config["data_identifier"]
+        val_dir = self.output / "validation"
+        val_dir.mkdir(parents=True, exist_ok=True)
+        ending = self.plans["file_ending"]
+        for ident in tqdm(self.val_ids, desc="final validation"):
+            data = np.load(data_dir / f"{ident}.npy", mmap_mode="r")
+            props = load_json(data_dir / f"{ident}.json")
+            emb = self.cache.load(ident)[0] if self.use_cache and self.cache.is_done(ident) else None
+            probs_pp = predict_preprocessed(data, self.config, self.encoder, [self.head], self.num_classes,
+                                            tta=False, cached_embeddings=emb, batch_size=self.batch_size,
+                                            device=self.device)
+            seg, probs = probabilities_to_segmentation(probs_pp, props, self.label_values)
+            write_seg(seg, props["original"], val_dir / f"{ident}{ending}")
+            if save_probabilities:
+                np.savez_compressed(val_dir / f"{ident}.npz", probabilities=probs.astype(np.float16))
+        summary = evaluate_folder(self.pp_folder / "gt_segmentations", val_dir,
+                                  labels=[v for v in self.label_values if v != 0], file_ending=ending,
+                                  output_file=val_dir / "summary.json", cases=self.val_ids)
+        self.text(f"final validation ({checkpoint}, {len(self.val_ids)} cases): mean foreground Dice "
+                  f"{summary['foreground_mean']['Dice']:.4f}, per class "
+                  + ", ".join(f"{k}: {v['Dice']:.4f}" for k, v in summary["mean"].items()))
+        return summary
+
+
+def run_training(dataset, configuration: str, fold, head=None, epochs=None, iterations_per_epoch=None,
+                 num_labeled_cases=None, continue_training=False, validation_only=False, device="auto",
+                 save_probabilities=False, use_cache=None, checkpoint="checkpoint_final.pth",
+                 batch_size=None) -> Trainer:
+    """Train one fold (or, with ``validation_only``, only rerun its final validation)."""
+    t = Trainer(dataset, configuration, fold, head=head, epochs=epochs, iterations_per_epoch=iterations_per_epoch,
+                num_labeled_cases=num_labeled_cases, device=device, use_cache=use_cache, batch_size=batch_size)
+    if not validation_only:
+        t.run(continue_training)
+    t.final_validation(checkpoint, save_probabilities)
+    return t
