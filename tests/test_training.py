@@ -1,0 +1,204 @@
+"""Training on real Hippocampus cases with the real LiteMedSAM encoder: Dice rises, runs resume after a kill,
+bad checkpoints are refused, and prediction reproduces the final validation in the original geometry."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import HIPPO, copy_dataset, hippo_cases
+from samunet.utils import SamunetError
+
+NAME = "Dataset004_Hippocampus"
+TRAIN = [sys.executable, "-c", "from samunet.cli import train_entry as m; m()"]
+PREDICT = [sys.executable, "-c", "from samunet.cli import predict_entry as m; m()"]
+EVALUATE = [sys.executable, "-c", "from samunet.evaluation.cli import evaluate_folder_entry as m; m()"]
+
+
+@pytest.fixture(scope="module")
+def hippo_env(tmp_path_factory):
+    """20 real cases planned and preprocessed; fold 0 validates on 4 of them."""
+    root = tmp_path_factory.mktemp("hippo_train")
+    env = {k: str(root / k) for k in ("samunet_raw", "samunet_preprocessed", "samunet_results")}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    for v in env.values():
+        Path(v).mkdir()
+    copy_dataset(HIPPO, Path(env["samunet_raw"]), hippo_cases(20))
+    from samunet.plan_and_preprocess import plan_and_preprocess
+    plan_and_preprocess(4, num_processes=2, configurations=["2d"])
+    yield root
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def trained(hippo_env):
+    """autosam on 4 labelled cases of fold 0, briefly; returns the trainer and the untrained validation Dice."""
+    from samunet.training.trainer import Trainer, run_training
+    untrained = Trainer(4, "2d", 0, head="autosam", epochs=1, num_labeled_cases=4, batch_size=8)
+    untrained.initialize()  # builds the embedding cache for the 4 training and 4 validation cases
+    _, dice_before = untrained.validate_epoch()
+    t = run_training(4, "2d", 0, head="autosam", epochs=8, iterations_per_epoch=20, num_labeled_cases=4,
+                     batch_size=8)
+    return t, float(np.mean(dice_before))
+
+
+def test_training_raises_dice_far_above_an_untrained_head(trained):
+    t, dice_before = trained
+    summary = json.loads((t.output / "validation" / "summary.json").read_text())
+    dice = summary["foreground_mean"]["Dice"]
+    # 160 steps of 8 slices on 4 labelled volumes (a few CPU minutes): far from converged, far above untrained
+    assert dice > 0.5, summary["mean"]
+    assert dice > dice_before + 0.4, (dice, dice_before)
+    for name in ("checkpoint_final.pth", "checkpoint_best.pth", "progress.png", "debug.json"):
+        assert (t.output / name).is_file(), name
+    assert not (t.output / "checkpoint_latest.pth").exists()
+    assert sorted(p.name for p in (t.output / "validation").glob("*.nii.gz")) == [f"{c}.nii.gz" for c in t.val_ids]
+    assert len(t.val_ids) == 4 and len(t.train_ids) == 4
+    # the checkpoint holds the head (and its optimiser state), not the frozen encoder again
+    assert (t.output / "checkpoint_final.pth").stat().st_size < 60e6
+    log = json.loads((t.output / "debug.json").read_text())
+    assert log["num_labeled_cases"] == 4 and log["use_cache"] is True
+
+
+def test_encoder_weights_never_change_during_training(trained):
+    from samunet.models.encoders import build_encoder
+    t, _ = trained
+    fresh = build_encoder("lite_medsam", input_size=t.config["encoder_input_size"], optimise=True)
+    for (k, a), (_, b) in zip(fresh.state_dict().items(), t.encoder.state_dict().items()):
+        assert np.array_equal(a.numpy(), b.numpy()), k
+
+
+def _train_cli(*args, **kw):
+    return subprocess.run(TRAIN + ["4", "2d", "0", *args], capture_output=True, text=True, **kw)
+
+
+def test_killed_training_resumes_with_c(trained, hippo_env):
+    args = ["--head", "linear", "--num_labeled_cases", "4", "--epochs", "8", "--iterations_per_epoch", "6",
+            "--batch_size", "8"]
+    out = hippo_env / "samunet_results" / NAME / "samunetTrainer_linear_n4__samunetPlans__2d" / "fold_0"
+    proc = subprocess.Popen(TRAIN + ["4", "2d", "0", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    latest = out / "checkpoint_latest.pth"
+    deadline = time.time() + 240
+    while time.time() < deadline and not latest.is_file():
+        time.sleep(0.05)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert latest.is_file(), "no checkpoint was written before the kill"
+    assert not (out / "checkpoint_final.pth").exists(), "training finished before it could be killed"
+    from samunet.training.checkpoint import load_checkpoint
+    epochs_done = load_checkpoint(latest)["epoch"]
+    assert 1 <= epochs_done < 8
+    r = _train_cli(*args)
+    assert r.returncode == 1 and "--c" in r.stderr  # no silent overwrite of an unfinished run
+    r = _train_cli(*args, "--c")
+    assert r.returncode == 0, r.stderr
+    assert f"resuming from checkpoint_latest.pth after epoch {epochs_done}" in r.stderr
+    state = load_checkpoint(out / "checkpoint_final.pth")
+    assert state["epoch"] == 8 and len(state["log"]["train_loss"]) == 8
+    assert (out / "validation" / "summary.json").is_file()
+
+
+def test_corrupt_and_foreign_checkpoints_are_refused(trained, hippo_env, tmp_path):
+    from samunet.training.checkpoint import check_compatible, load_checkpoint
+    t, _ = trained
+    broken = tmp_path / "checkpoint_final.pth"
+    broken.write_bytes((t.output / "checkpoint_final.pth").read_bytes()[:5000])
+    with pytest.raises(SamunetError, match="not a readable samunet checkpoint"):
+        load_checkpoint(broken)
+    other = tmp_path / "other.pth"
+    import torch
+    torch.save({"state_dict": {}}, other)
+    with pytest.raises(SamunetError, match="not a samunet checkpoint"):
+        load_checkpoint(other)
+    state = load_checkpoint(t.output / "checkpoint_final.pth")
+    with pytest.raises(SamunetError, match="head is 'autosam', expected 'cnn'"):
+        check_compatible(state, "x", {"head": "cnn"})
+    # a foreign checkpoint put in place of a fold's checkpoint stops --val with a clear message
+    linear = hippo_env / "samunet_results" / NAME / "samunetTrainer_linear_n4__samunetPlans__2d" / "fold_0"
+    target = t.output.parent.parent / "samunetTrainer_autosam_n4__samunetPlans__2d" / "fold_0"
+    backup = tmp_path / "backup.pth"
+    shutil.copyfile(target / "checkpoint_final.pth", backup)
+    try:
+        shutil.copyfile(linear / "checkpoint_final.pth", target / "checkpoint_final.pth")
+        r = _train_cli("--head", "autosam", "--num_labeled_cases", "4", "--val")
+        assert r.returncode == 1 and "does not belong to this run" in r.stderr and "head is 'linear'" in r.stderr
+    finally:
+        shutil.copyfile(backup, target / "checkpoint_final.pth")
+
+
+def test_predict_matches_validation_and_keeps_geometry(trained, hippo_env, tmp_path):
+    t, _ = trained
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for c in t.val_ids:
+        shutil.copy(HIPPO / "imagesTr" / f"{c}_0000.nii.gz", inp)
+    out = tmp_path / "out"
+    r = subprocess.run(PREDICT + ["-i", str(inp), "-o", str(out), "-d", "4", "-c", "2d", "-f", "0",
+                                  "--num_labeled_cases", "4", "--disable_tta"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    for c in t.val_ids:
+        a = sitk.ReadImage(str(HIPPO / "imagesTr" / f"{c}_0000.nii.gz"))
+        b = sitk.ReadImage(str(out / f"{c}.nii.gz"))
+        assert a.GetSize() == b.GetSize() and a.GetSpacing() == b.GetSpacing()
+        assert a.GetOrigin() == b.GetOrigin() and a.GetDirection() == b.GetDirection()
+    for f in ("plans.json", "dataset.json", "predict_from_raw_data_args.json"):
+        assert (out / f).is_file()
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    for c in t.val_ids:
+        shutil.copy(HIPPO / "labelsTr" / f"{c}.nii.gz", gt)
+    r = subprocess.run(EVALUATE + [str(gt), str(out), "-djfile", str(HIPPO / "dataset.json")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    predicted = json.loads((out / "summary.json").read_text())["foreground_mean"]["Dice"]
+    validated = json.loads((t.output / "validation" / "summary.json").read_text())["foreground_mean"]["Dice"]
+    # validation used float16 cached embeddings, prediction recomputes them: the same up to rounding
+    assert abs(predicted - validated) < 0.01, (predicted, validated)
+
+
+def test_predict_bad_inputs_are_named_and_others_still_predicted(trained, hippo_env, tmp_path):
+    t, _ = trained
+    good = t.val_ids[0]
+    inp = tmp_path / "in"
+    inp.mkdir()
+    shutil.copy(HIPPO / "imagesTr" / f"{good}_0000.nii.gz", inp)
+    (inp / "broken_0000.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+    shutil.copy(HIPPO / "imagesTr" / f"{t.val_ids[1]}_0000.nii.gz", inp / "wrongending_0000.nii")
+    shutil.copy(HIPPO / "imagesTr" / f"{t.val_ids[1]}_0000.nii.gz", inp / "twochannels_0000.nii.gz")
+    shutil.copy(HIPPO / "imagesTr" / f"{t.val_ids[1]}_0000.nii.gz", inp / "twochannels_0001.nii.gz")
+    out = tmp_path / "out"
+    cmd = PREDICT + ["-i", str(inp), "-o", str(out), "-d", "4", "-c", "2d", "-f", "0", "--num_labeled_cases", "4",
+                     "--disable_tta"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 1
+    assert "case broken: " in r.stderr and "broken_0000.nii.gz: cannot be read" in r.stderr
+    assert "wrongending_0000.nii: does not match CASE_XXXX.nii.gz" in r.stderr
+    assert "case twochannels: " in r.stderr and "2 channel(s), but the plans expect 1" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert (out / f"{good}.nii.gz").is_file()
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == [f"{good}.nii.gz"]
+    assert not list(out.glob(".*"))  # no half-written files
+    before = (out / f"{good}.nii.gz").stat().st_mtime_ns
+    r = subprocess.run(cmd + ["--continue_prediction"], capture_output=True, text=True)
+    assert (out / f"{good}.nii.gz").stat().st_mtime_ns == before  # finished cases are not redone
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = subprocess.run(PREDICT + ["-i", str(empty), "-o", str(tmp_path / "o2"), "-d", "4", "-c", "2d",
+                                  "--num_labeled_cases", "4"], capture_output=True, text=True)
+    assert r.returncode == 1 and "no cases named CASE_XXXX.nii.gz" in r.stderr
+    r = subprocess.run(cmd[:-1] + ["-f", "3"], capture_output=True, text=True)
+    assert r.returncode == 1 and "fold 3 has no checkpoint_final.pth" in r.stderr
