@@ -170,31 +170,52 @@ class _TinyViTBlock(nn.Module):
         self.register_buffer("fc1_bias", fc1_b)
         self.register_buffer("fc2_weight", block.mlp.fc2.weight.detach().clone())
         self.register_buffer("fc2_bias", block.mlp.fc2.bias.detach().clone())
+        self._index_cache: dict = {}
+
+    def _window_index(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """Row of every real token, and of every padding token, in the (windows * window tokens) layout."""
+        key = (batch, device)
+        cached = self._index_cache.get(key)
+        if cached is not None:
+            return cached
+        h, w, ws = self.h, self.w, self.window
+        ph, pw = -(-h // ws) * ws, -(-w // ws) * ws
+        nh, nw = ph // ws, pw // ws
+        rows = torch.arange(ph).view(ph, 1).expand(ph, pw)
+        cols = torch.arange(pw).view(1, pw).expand(ph, pw)
+        # position of padded pixel (r, c) in window-major order
+        position = ((rows // ws) * nw + cols // ws) * ws * ws + (rows % ws) * ws + cols % ws
+        per_image = nh * nw * ws * ws
+        offsets = torch.arange(batch).view(batch, 1) * per_image
+        real = (position[:h, :w].reshape(1, -1) + offsets).reshape(-1)
+        is_pad = torch.ones(ph, pw, dtype=torch.bool)
+        is_pad[:h, :w] = False
+        pad = (position[is_pad].reshape(1, -1) + offsets).reshape(-1) if is_pad.any() else None
+        cached = (real.to(device), None if pad is None else pad.to(device), batch * nh * nw)
+        self._index_cache[key] = cached
+        return cached
 
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
         b, n_tokens, c = x.shape
-        h, w, ws = self.h, self.w, self.window
+        ws = self.window
         qkv = F.linear(F.layer_norm(x, (c,), None, None, self.eps), self.qkv_weight, self.qkv_bias)
         dq = qkv.shape[-1]
-        pad_b, pad_r = (ws - h % ws) % ws, (ws - w % ws) % ws
-        ph, pw = h + pad_b, w + pad_r
-        if pad_b or pad_r:
+        real, pad, n_windows = self._window_index(b, x.device)
+        # scatter tokens straight into window-major order (one copy instead of pad, partition and reshape)
+        windows = qkv.new_empty(n_windows * ws * ws, dq)
+        windows.index_copy_(0, real, qkv.view(-1, dq))
+        if pad is not None:
             # the reference pads the block input with zeros; LayerNorm maps a zero token to its bias, so every
             # padded token has the same qkv vector: the folded qkv bias
-            padded = self.qkv_bias.expand(b, ph, pw, dq).clone()
-            padded[:, :h, :w] = qkv.view(b, h, w, dq)
-            qkv = padded
-        nh, nw = ph // ws, pw // ws
-        windows = (qkv.view(b, nh, ws, nw, ws, dq).transpose(2, 3)
-                   .reshape(b * nh * nw, ws * ws, self.heads, -1))
+            windows.index_copy_(0, pad, self.qkv_bias.expand(pad.numel(), dq))
+        windows = windows.view(n_windows, ws * ws, self.heads, -1)
         q, k, v = windows.split([self.key_dim, self.key_dim, self.d], dim=3)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              attn_mask=self.attn_bias)
-        out = out.transpose(1, 2).reshape(b, nh, nw, ws, ws, -1).transpose(2, 3).reshape(b, ph, pw, -1)
-        if pad_b or pad_r:
-            out = out[:, :h, :w]
-        out = out.reshape(b, n_tokens, -1)
-        return F.linear(out, self.proj_weight, self.proj_bias)
+        # gather the real tokens back in image order, merging heads on the way (one copy)
+        out = out.transpose(1, 2).reshape(n_windows * ws * ws, self.heads * self.d)
+        out = out.index_select(0, real)
+        return F.linear(out, self.proj_weight, self.proj_bias).view(b, n_tokens, c)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n_tokens, c = x.shape
