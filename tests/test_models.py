@@ -185,6 +185,14 @@ def test_multichannel_fusion_starts_as_mean(head_name, lite, hippo_embedding):
         assert torch.allclose(triple(stacked), single(hippo_embedding), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("head_name", HEAD_NAMES)
+def test_heads_on_test_tiny(head_name):
+    enc = build_encoder("test_tiny", input_size=32)
+    head = build_head(head_name, enc, num_classes=5, in_channels_multiplier=2)
+    out = head(torch.cat([enc(torch.rand(2, 3, 32, 32))] * 2, dim=1))
+    assert tuple(out.shape) == (2, 5, 32, 32)
+
+
 def test_autosam_head_starts_from_pretrained_decoder(lite):
     head = build_head("autosam", lite, num_classes=6)
     decoder, prompt = lite.mask_decoder, lite.prompt_encoder
