@@ -7,8 +7,9 @@ rebuilds the same function with:
   linear layer folded into that layer's weights;
 * convolutions in channels-last memory layout, so that the token tensors of the transformer stages and the
   feature maps of their depth-wise convolutions are views of one another (no transposing copies);
-* convolution + bias + residual + GELU fused into one oneDNN call where this torch build offers it
-  (`torch.ops.mkldnn._convolution_pointwise`), plain torch ops otherwise;
+* convolution + bias + GELU, or convolution + bias + residual, in one oneDNN call where this torch build
+  offers it (`torch.ops.mkldnn._convolution_pointwise`; a GELU after the residual is applied in place), plain
+  torch ops otherwise;
 * window attention through `scaled_dot_product_attention` with the learned relative-position bias as an
   additive mask, and the query/key/value projection computed on the real tokens only: the zero padding that
   the reference adds before its LayerNorm maps to one constant qkv row, which is written into the padded
