@@ -7,21 +7,22 @@ rebuilds the same function with:
   linear layer folded into that layer's weights;
 * convolutions in channels-last memory layout, so that the token tensors of the transformer stages and the
   feature maps of their depth-wise convolutions are views of one another (no transposing copies);
-* convolution + bias + residual + GELU fused into one oneDNN call where this torch build offers it
-  (`torch.ops.mkldnn._convolution_pointwise`), plain torch ops otherwise;
+* convolution + bias + GELU, or convolution + bias + residual, in one oneDNN call where this torch build
+  offers it (`torch.ops.mkldnn._convolution_pointwise`; a GELU after the residual is applied in place), plain
+  torch ops otherwise;
 * window attention through `scaled_dot_product_attention` with the learned relative-position bias as an
   additive mask, and the query/key/value projection computed on the real tokens only: the zero padding that
   the reference adds before its LayerNorm maps to one constant qkv row, which is written into the padded
-  windows directly;
-* the stride-1 MBConv blocks of the full-resolution first stage run in horizontal strips so that their
-  four-times-expanded intermediate stays in cache.
+  windows directly; tokens are scattered into window order and gathered back with one indexed copy each.
+
+Tried and dropped (no gain on a 2-core AVX2 CPU): running the full-resolution MBConv blocks in horizontal
+strips to keep their expanded intermediate in cache, oneDNN linear+GELU fusion (slower than MKL's GEMM plus
+a separate GELU), head-planar qkv layouts for contiguous attention inputs, and torch.compile.
 
 All arithmetic stays in float32; outputs agree with the reference to float32 rounding (relative error of the
 order of 1e-6). Nothing here trains: use it under `torch.inference_mode()`.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn as nn
@@ -94,38 +95,14 @@ class _Conv(nn.Module):
 class _MBConv(nn.Module):
     """Inverted residual block: 1x1 expand + GELU, 3x3 depth-wise + GELU, 1x1 project, + input, GELU."""
 
-    def __init__(self, block: nn.Module, strip_rows: int):
+    def __init__(self, block: nn.Module):
         super().__init__()
         self.conv1 = _Conv.from_conv_bn(block.conv1, gelu=True)
         self.conv2 = _Conv.from_conv_bn(block.conv2, gelu=True)
         self.conv3 = _Conv.from_conv_bn(block.conv3, gelu=True)
-        self.strip_rows = strip_rows
-
-    def _full(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv3(self.conv2(self.conv1(x)), residual=x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.shape[2]
-        rows = self.strip_rows
-        if rows <= 0 or h <= rows or not self.conv1._use_fused(x):
-            return self._full(x)
-        # Strips of `rows` output rows; the depth-wise 3x3 needs one extra input row on each side, which is
-        # recomputed (1x1 convolutions and GELU are per-pixel, so the halo rows match the full computation;
-        # at the image border the reference zero-pads after GELU, which F.pad reproduces).
-        out = torch.empty_like(x)
-        for top in range(0, h, rows):
-            bottom = min(top + rows, h)
-            lo, hi = max(top - 1, 0), min(bottom + 1, h)
-            expanded = self.conv1(x[:, :, lo:hi])
-            pad_top = 1 - (top - lo)
-            pad_bottom = 1 - (hi - bottom)
-            if pad_top or pad_bottom:
-                expanded = F.pad(expanded, (0, 0, pad_top, pad_bottom))
-            depthwise = torch.ops.mkldnn._convolution_pointwise(
-                expanded, self.conv2.weight, self.conv2.bias, [0, 1], [1, 1], [1, 1], self.conv2.groups,
-                "gelu", [], "none")
-            out[:, :, top:bottom] = self.conv3(depthwise, residual=x[:, :, top:bottom])
-        return out
+        return self.conv3(self.conv2(self.conv1(x)), residual=x)
 
 
 class _PatchMerging(nn.Module):
@@ -170,31 +147,52 @@ class _TinyViTBlock(nn.Module):
         self.register_buffer("fc1_bias", fc1_b)
         self.register_buffer("fc2_weight", block.mlp.fc2.weight.detach().clone())
         self.register_buffer("fc2_bias", block.mlp.fc2.bias.detach().clone())
+        self._index_cache: dict = {}
+
+    def _window_index(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """Row of every real token, and of every padding token, in the (windows * window tokens) layout."""
+        key = (batch, device)
+        cached = self._index_cache.get(key)
+        if cached is not None:
+            return cached
+        h, w, ws = self.h, self.w, self.window
+        ph, pw = -(-h // ws) * ws, -(-w // ws) * ws
+        nh, nw = ph // ws, pw // ws
+        rows = torch.arange(ph).view(ph, 1).expand(ph, pw)
+        cols = torch.arange(pw).view(1, pw).expand(ph, pw)
+        # position of padded pixel (r, c) in window-major order
+        position = ((rows // ws) * nw + cols // ws) * ws * ws + (rows % ws) * ws + cols % ws
+        per_image = nh * nw * ws * ws
+        offsets = torch.arange(batch).view(batch, 1) * per_image
+        real = (position[:h, :w].reshape(1, -1) + offsets).reshape(-1)
+        is_pad = torch.ones(ph, pw, dtype=torch.bool)
+        is_pad[:h, :w] = False
+        pad = (position[is_pad].reshape(1, -1) + offsets).reshape(-1) if is_pad.any() else None
+        cached = (real.to(device), None if pad is None else pad.to(device), batch * nh * nw)
+        self._index_cache[key] = cached
+        return cached
 
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
         b, n_tokens, c = x.shape
-        h, w, ws = self.h, self.w, self.window
+        ws = self.window
         qkv = F.linear(F.layer_norm(x, (c,), None, None, self.eps), self.qkv_weight, self.qkv_bias)
         dq = qkv.shape[-1]
-        pad_b, pad_r = (ws - h % ws) % ws, (ws - w % ws) % ws
-        ph, pw = h + pad_b, w + pad_r
-        if pad_b or pad_r:
+        real, pad, n_windows = self._window_index(b, x.device)
+        # scatter tokens straight into window-major order (one copy instead of pad, partition and reshape)
+        windows = qkv.new_empty(n_windows * ws * ws, dq)
+        windows.index_copy_(0, real, qkv.view(-1, dq))
+        if pad is not None:
             # the reference pads the block input with zeros; LayerNorm maps a zero token to its bias, so every
             # padded token has the same qkv vector: the folded qkv bias
-            padded = self.qkv_bias.expand(b, ph, pw, dq).clone()
-            padded[:, :h, :w] = qkv.view(b, h, w, dq)
-            qkv = padded
-        nh, nw = ph // ws, pw // ws
-        windows = (qkv.view(b, nh, ws, nw, ws, dq).transpose(2, 3)
-                   .reshape(b * nh * nw, ws * ws, self.heads, -1))
+            windows.index_copy_(0, pad, self.qkv_bias.expand(pad.numel(), dq))
+        windows = windows.view(n_windows, ws * ws, self.heads, -1)
         q, k, v = windows.split([self.key_dim, self.key_dim, self.d], dim=3)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              attn_mask=self.attn_bias)
-        out = out.transpose(1, 2).reshape(b, nh, nw, ws, ws, -1).transpose(2, 3).reshape(b, ph, pw, -1)
-        if pad_b or pad_r:
-            out = out[:, :h, :w]
-        out = out.reshape(b, n_tokens, -1)
-        return F.linear(out, self.proj_weight, self.proj_bias)
+        # gather the real tokens back in image order, merging heads on the way (one copy)
+        out = out.transpose(1, 2).reshape(n_windows * ws * ws, self.heads * self.d)
+        out = out.index_select(0, real)
+        return F.linear(out, self.proj_weight, self.proj_bias).view(b, n_tokens, c)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n_tokens, c = x.shape
@@ -212,13 +210,13 @@ class _TinyViTBlock(nn.Module):
 class FastTinyViT(nn.Module):
     """Same function as the LiteMedSAM TinyViT it is built from; inference only."""
 
-    def __init__(self, tinyvit: nn.Module, strip_rows: int = 32):
+    def __init__(self, tinyvit: nn.Module):
         super().__init__()
         side = tinyvit.img_size
         pe = tinyvit.patch_embed.seq
         self.patch_embed = nn.ModuleList([_Conv.from_conv_bn(pe[0], gelu=True), _Conv.from_conv_bn(pe[2], gelu=False)])
         stage0 = tinyvit.layers[0]
-        self.stage0 = nn.ModuleList([_MBConv(blk, strip_rows) for blk in stage0.blocks])
+        self.stage0 = nn.ModuleList([_MBConv(blk) for blk in stage0.blocks])
         self.stage0_down = _PatchMerging(stage0.downsample)
         self.stages = nn.ModuleList()
         self.downsamples = nn.ModuleList()
@@ -239,8 +237,8 @@ class FastTinyViT(nn.Module):
         self.out_side = self.resolutions[-1][0]
 
     @classmethod
-    def from_tinyvit(cls, tinyvit: nn.Module, strip_rows: int = 32) -> "FastTinyViT":
-        return cls(tinyvit, strip_rows=strip_rows).eval()
+    def from_tinyvit(cls, tinyvit: nn.Module) -> "FastTinyViT":
+        return cls(tinyvit).eval()
 
     def _to_tokens(self, fmap: torch.Tensor) -> torch.Tensor:
         b, c = fmap.shape[:2]

@@ -33,7 +33,7 @@ LITE_MEDSAM_MEAN_REL_TOLERANCE = 1e-2  # the project-wide bound for any optimise
 
 
 def optimise_for_inference(encoder: FrozenEncoder, precision: str = "fp32", tune_memory: bool = True,
-                           num_threads: int | None = None, strip_rows: int = 0) -> FrozenEncoder:
+                           num_threads: int | None = None) -> FrozenEncoder:
     """Modify `encoder` in place for fast inference and return it. See the module docstring."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -50,7 +50,7 @@ def optimise_for_inference(encoder: FrozenEncoder, precision: str = "fp32", tune
     if precision in ("fp32", "bf16") and encoder.name == "lite_medsam" and encoder.precision == "exact":
         from .fast_tinyvit import FastTinyViT
         device = encoder.device
-        fast = FastTinyViT.from_tinyvit(encoder.backbone.net, strip_rows=strip_rows).to(device)
+        fast = FastTinyViT.from_tinyvit(encoder.backbone.net).to(device)
         encoder.backbone = fast
     encoder.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
     if precision == "exact" and encoder.precision != "exact":
