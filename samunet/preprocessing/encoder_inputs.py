@@ -77,7 +77,7 @@ def _tiles(t: torch.Tensor, layout: dict, fill: float) -> torch.Tensor:
 
 def encoder_inputs(images: np.ndarray, layout: dict) -> torch.Tensor:
     """``(n_enc, 3, Y, X)`` -> ``(T, n_enc, 3, P, P)`` float32."""
-    t = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+    t = torch.from_numpy(np.array(images, dtype=np.float32))  # a copy: inputs may be read-only memmaps
     if layout["mode"] == "resize":
         return _resize_pad(t, layout, "bilinear", 0.0).clamp_(0, 1)[None]
     return _tiles(t, layout, 0.0)
