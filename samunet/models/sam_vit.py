@@ -14,9 +14,11 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
+from segment_anything import modeling as sam_modeling
+from segment_anything.modeling import ImageEncoderViT
 
 from .checkpoints import load_into, load_state_dict, resolve_sam_checkpoint, sha256_file, split_prefixes
+from .prompt_parts import build_prompt_parts
 
 PATCH = 16
 EMBED_DIM = 256
@@ -34,17 +36,6 @@ def build_vit(name: str, input_size: int) -> ImageEncoderViT:
         num_heads=cfg["num_heads"], mlp_ratio=4.0, out_chans=EMBED_DIM, qkv_bias=True,
         norm_layer=partial(nn.LayerNorm, eps=1e-6), act_layer=nn.GELU, use_abs_pos=True, use_rel_pos=True,
         rel_pos_zero_init=True, window_size=14, global_attn_indexes=cfg["global_attn_indexes"])
-
-
-def build_prompt_parts(input_size: int) -> tuple[PromptEncoder, MaskDecoder]:
-    grid = input_size // PATCH
-    prompt_encoder = PromptEncoder(embed_dim=EMBED_DIM, image_embedding_size=(grid, grid),
-                                   input_image_size=(input_size, input_size), mask_in_chans=16)
-    mask_decoder = MaskDecoder(
-        num_multimask_outputs=3,
-        transformer=TwoWayTransformer(depth=2, embedding_dim=EMBED_DIM, mlp_dim=2048, num_heads=8),
-        transformer_dim=EMBED_DIM, iou_head_depth=3, iou_head_hidden_dim=256)
-    return prompt_encoder, mask_decoder
 
 
 def resize_abs_pos(pos: torch.Tensor, grid: int) -> torch.Tensor:
@@ -86,7 +77,7 @@ def build_sam_parts(name: str, input_size: int, checkpoint: str | os.PathLike | 
     parts = split_prefixes(state, ("image_encoder", "prompt_encoder", "mask_decoder"), str(path), what)
     with torch.device("meta"):
         backbone = build_vit(name, input_size)
-        prompt_encoder, mask_decoder = build_prompt_parts(input_size)
+        prompt_encoder, mask_decoder = build_prompt_parts(sam_modeling, input_size, input_size // PATCH)
     encoder_state = adapt_encoder_state(parts["image_encoder"], backbone)
     load_into(backbone, encoder_state, str(path), f"the {what} image encoder", assign=True)
     load_into(prompt_encoder, parts["prompt_encoder"], str(path), f"the {what} prompt encoder", assign=True)
