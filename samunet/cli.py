@@ -299,5 +299,8 @@ def apply_postprocessing_entry(argv=None):
     from pathlib import Path
     from samunet.evaluation.ensemble_postprocess import apply_postprocessing_folder
     from samunet.utils import load_json
-    ending = a.file_ending or load_json(Path(a.i) / "dataset.json")["file_ending"]
+    from samunet.evaluation.ensemble_postprocess import file_ending_of
+    if not Path(a.pp_pkl_file).is_file():
+        raise SamunetError(f"{a.pp_pkl_file}: post-processing file not found")
+    ending = a.file_ending or file_ending_of(Path(a.i))
     apply_postprocessing_folder(a.i, a.o, load_json(a.pp_pkl_file), ending)

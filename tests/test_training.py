@@ -202,3 +202,121 @@ def test_predict_bad_inputs_are_named_and_others_still_predicted(trained, hippo_
     assert r.returncode == 1 and "no cases named CASE_XXXX.nii.gz" in r.stderr
     r = subprocess.run(cmd[:-1] + ["-f", "3"], capture_output=True, text=True)
     assert r.returncode == 1 and "fold 3 has no checkpoint_final.pth" in r.stderr
+
+
+FIND_BEST = [sys.executable, "-c", "from samunet.cli import find_best_configuration_entry as m; m()"]
+ENSEMBLE = [sys.executable, "-c", "from samunet.cli import ensemble_entry as m; m()"]
+POSTPROCESS = [sys.executable, "-c", "from samunet.cli import apply_postprocessing_entry as m; m()"]
+
+
+def _read(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def test_find_best_configuration_ensembles_postprocesses_and_its_instructions_work(trained, hippo_env, tmp_path):
+    """Two trained heads with saved validation probabilities: find_best evaluates each, their ensemble and
+    keep-largest-component, and the inference instructions it writes reproduce the chosen result when run."""
+    from samunet.training.trainer import run_training
+    t, _ = trained
+    res = hippo_env / "samunet_results" / NAME
+    run_training(4, "2d", 0, head="cnn", epochs=2, iterations_per_epoch=10, num_labeled_cases=4, batch_size=8,
+                 save_probabilities=True)
+    run_training(4, "2d", 0, head="autosam", num_labeled_cases=4, validation_only=True, save_probabilities=True,
+                 batch_size=8)
+    a, b = "samunetTrainer_autosam_n4__samunetPlans__2d", "samunetTrainer_cnn_n4__samunetPlans__2d"
+    val_a, val_b = res / a / "fold_0" / "validation", res / b / "fold_0" / "validation"
+
+    r = subprocess.run(FIND_BEST + ["4", "-f", "0"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    info = json.loads((res / "inference_information.json").read_text())
+    ens = f"ensemble___{a}___{b}"
+    assert {a, b, ens} <= set(info["results"])
+    # with one fold the cross-validation Dice of a model is its fold's final validation Dice
+    for key, val in ((a, val_a), (b, val_b)):
+        expected = json.loads((val / "summary.json").read_text())["foreground_mean"]["Dice"]
+        assert info["results"][key] == pytest.approx(expected, abs=1e-9)
+    assert info["best"] == max(info["results"], key=info["results"].get)
+    # the ensemble is the arg-max of the averaged probabilities, case by case
+    ens_folder = res / "crossval_results_folds_0" / ens
+    for case in t.val_ids:
+        with np.load(val_a / f"{case}.npz") as za, np.load(val_b / f"{case}.npz") as zb:
+            mean = za["probabilities"].astype(np.float32) + zb["probabilities"].astype(np.float32)
+        assert np.array_equal(_read(ens_folder / f"{case}.nii.gz"), mean.argmax(0)), case
+    # post-processing: all foreground classes together, then each alone; kept only where it helps
+    trials = info["postprocessing_trials"]
+    assert set(trials) == {"1_2", "1", "2"}
+    kept = info["postprocessing"]["keep_largest_component"]
+    if kept:
+        assert info["foreground_dice_after_postprocessing"] > info["best_foreground_dice"]
+    else:
+        assert all(d <= info["best_foreground_dice"] + 1e-4 for d in trials.values())
+    assert json.loads((res / "postprocessing.json").read_text()) == info["postprocessing"]
+
+    # samunet_ensemble on the two validation folders gives the same label maps
+    r = subprocess.run(ENSEMBLE + ["-i", str(val_a), str(val_b), "-o", str(tmp_path / "ens")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    for case in t.val_ids:
+        assert np.array_equal(_read(tmp_path / "ens" / f"{case}.nii.gz"), _read(ens_folder / f"{case}.nii.gz"))
+
+    # the written instructions run as they are (only the folders filled in) and reproduce the chosen Dice
+    inp = tmp_path / "imagesTs"
+    inp.mkdir()
+    for c in t.val_ids:
+        shutil.copy(HIPPO / "imagesTr" / f"{c}_0000.nii.gz", inp)
+    text = (res / "inference_instructions.txt").read_text()
+    commands = [line for line in text.splitlines() if line.startswith("samunet_")]
+    assert any("-f 0" in c and f"$samunet_results/{NAME}/" in c for c in commands), text
+    bindir = Path(sys.executable).parent
+    script = "\n".join(
+        str(bindir / c.replace("INPUT_FOLDER", str(inp)).replace("OUTPUT_FOLDER", str(tmp_path / "final")))
+        + (" --disable_tta" if c.startswith("samunet_predict") else "") for c in commands)
+    r = subprocess.run(["bash", "-euc", script], capture_output=True, text=True, env=os.environ.copy())
+    assert r.returncode == 0, r.stderr
+    final = tmp_path / ("final_PP" if kept else "final")
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    for c in t.val_ids:
+        shutil.copy(HIPPO / "labelsTr" / f"{c}.nii.gz", gt)
+    r = subprocess.run(EVALUATE + [str(gt), str(final), "-djfile", str(HIPPO / "dataset.json")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    dice = json.loads((final / "summary.json").read_text())["foreground_mean"]["Dice"]
+    assert dice == pytest.approx(info["foreground_dice_after_postprocessing"], abs=0.01)
+
+
+def test_apply_postprocessing_removes_stray_components_only(trained, hippo_env, tmp_path):
+    t, _ = trained
+    val = t.output / "validation"
+    case = t.val_ids[0]
+    seg = _read(val / f"{case}.nii.gz")
+    assert (seg == 1).any() and (seg == 2).any()
+    from scipy import ndimage
+    # a stray class-1 blob in a corner far from the hippocampus, as a second component
+    stray = seg.copy()
+    occupied = ndimage.binary_dilation(seg > 0, iterations=3)
+    corner = (slice(0, 2), slice(0, 2), slice(0, 2))
+    assert not occupied[corner].any()
+    stray[corner] = 1
+    inp = tmp_path / "in"
+    inp.mkdir()
+    img = sitk.GetImageFromArray(stray)
+    img.CopyInformation(sitk.ReadImage(str(val / f"{case}.nii.gz")))
+    sitk.WriteImage(img, str(inp / f"{case}.nii.gz"))
+    shutil.copy(t.model_dir / "dataset.json", inp)
+    pp = tmp_path / "postprocessing.json"
+    pp.write_text(json.dumps({"keep_largest_component": [1]}))
+    r = subprocess.run(POSTPROCESS + ["-i", str(inp), "-o", str(tmp_path / "out"), "-pp_pkl_file", str(pp)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    out = _read(tmp_path / "out" / f"{case}.nii.gz")
+    assert not out[corner].any()
+    lab, n = ndimage.label(out == 1, ndimage.generate_binary_structure(3, 3))
+    assert n == 1
+    # class 2 untouched, class 1 reduced to its largest component of the original prediction
+    assert np.array_equal(out == 2, seg == 2)
+    lab0, _ = ndimage.label(seg == 1, ndimage.generate_binary_structure(3, 3))
+    largest = np.argmax(np.bincount(lab0.ravel())[1:]) + 1
+    assert np.array_equal(out == 1, lab0 == largest)
+    a, b = sitk.ReadImage(str(inp / f"{case}.nii.gz")), sitk.ReadImage(str(tmp_path / "out" / f"{case}.nii.gz"))
+    assert a.GetSpacing() == b.GetSpacing() and a.GetOrigin() == b.GetOrigin() and a.GetDirection() == b.GetDirection()

@@ -20,15 +20,34 @@ from samunet.utils import SamunetError, load_json, save_json
 logger = logging.getLogger("samunet")
 
 
+def _metadata_folder(folder: Path) -> Path:
+    """Where a prediction folder's dataset.json / plans.json are: in it (samunet_predict), or, for a fold's final
+    validation (``MODEL/fold_K/validation``), in the model folder."""
+    for candidate in (folder, folder.parent.parent):
+        if (candidate / "dataset.json").is_file() or (candidate / "plans.json").is_file():
+            return candidate
+    raise SamunetError(f"{folder}: no dataset.json or plans.json (in it, or in the model folder of a fold's "
+                       "validation) to take the label values and file ending from")
+
+
 def _label_values(folder: Path) -> list[int]:
+    meta_folder = _metadata_folder(folder)
     for name in ("dataset.json", "plans.json"):
-        if (folder / name).is_file():
-            meta = load_json(folder / name)
+        if (meta_folder / name).is_file():
+            meta = load_json(meta_folder / name)
             if "labels" in meta:
                 return sorted(int(v) for v in meta["labels"].values())
             if "label_values" in meta:
                 return sorted(int(v) for v in meta["label_values"])
-    raise SamunetError(f"{folder}: no dataset.json or plans.json to take the label values from")
+    raise SamunetError(f"{meta_folder}: dataset.json / plans.json name no label values")
+
+
+def file_ending_of(folder: Path) -> str:
+    meta_folder = _metadata_folder(Path(folder))
+    for name in ("dataset.json", "plans.json"):
+        if (meta_folder / name).is_file() and "file_ending" in load_json(meta_folder / name):
+            return load_json(meta_folder / name)["file_ending"]
+    raise SamunetError(f"{meta_folder}: dataset.json / plans.json name no file_ending")
 
 
 def ensemble_folders(input_folders, output_folder, file_ending: str | None = None) -> list[str]:
@@ -38,18 +57,17 @@ def ensemble_folders(input_folders, output_folder, file_ending: str | None = Non
     for f in folders:
         if not f.is_dir():
             raise SamunetError(f"{f}: folder not found")
-    if file_ending is None:
-        file_ending = load_json(folders[0] / "dataset.json")["file_ending"] if (folders[0] / "dataset.json").is_file() \
-            else ".nii.gz"
     label_values = np.asarray(_label_values(folders[0]))
+    meta_folder = _metadata_folder(folders[0])
+    file_ending = file_ending or file_ending_of(folders[0])
     cases = sorted(set.intersection(*[{p.name[:-4] for p in f.glob("*.npz")} for f in folders]))
     if not cases:
         raise SamunetError("the folders have no CASE.npz probabilities in common; predict with --save_probabilities")
     out = Path(output_folder)
     out.mkdir(parents=True, exist_ok=True)
     for name in ("dataset.json", "plans.json"):
-        if (folders[0] / name).is_file():
-            shutil.copyfile(folders[0] / name, out / name)
+        if (meta_folder / name).is_file():
+            shutil.copyfile(meta_folder / name, out / name)
     for case in cases:
         probs = None
         for f in folders:
@@ -86,8 +104,15 @@ def apply_postprocessing_folder(input_folder, output_folder, postprocessing: dic
     """Apply ``{"keep_largest_component": [classes]}`` to every label file of a folder."""
     classes = postprocessing.get("keep_largest_component", [])
     inp, out = Path(input_folder), Path(output_folder)
-    out.mkdir(parents=True, exist_ok=True)
+    if not inp.is_dir():
+        raise SamunetError(f"{inp}: folder not found")
     files = sorted(p for p in inp.iterdir() if p.name.endswith(file_ending) and not p.name.startswith("."))
+    if not files:
+        raise SamunetError(f"{inp}: no label files ending in {file_ending}")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("dataset.json", "plans.json"):
+        if (inp / name).is_file():
+            shutil.copyfile(inp / name, out / name)
     for f in files:
         seg, props = read_seg(f)
         write_seg(keep_largest_component(seg, classes) if classes else seg, props, out / f.name)
