@@ -62,8 +62,8 @@ class ZeroShotSettings:
         unknown = [m for m in self.modes if m not in MODES]
         if unknown:
             raise SamunetError(f"unknown prompt mode(s) {', '.join(unknown)} (choose from {', '.join(MODES)})")
-        if self.clicks < 1:
-            raise SamunetError("--clicks must be at least 1 (the first click is the centre point)")
+        if self.clicks < 0:
+            raise SamunetError("--clicks must be >= 0 (0: no interactive correction; click 1 is the centre point)")
         if any(j < 0 for j in self.jitter):
             raise SamunetError("--jitter distances must be >= 0 pixels")
 
