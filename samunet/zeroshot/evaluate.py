@@ -164,6 +164,19 @@ class ZeroShotEvaluator:
         self.trained = self._load_trained() if compare_trained else []
 
     # ----------------------------------------------------------------------------------------- trained heads
+    def _trained_folds(self) -> tuple[list, list]:
+        """(model folder, fold folder) of every trained fold with checkpoint_final.pth, and the splits; nothing
+        when there is no splits_final.json to say which cases each fold never trained on."""
+        folder = results_folder() / self.dataset_name
+        pattern = f"samunetTrainer_*__{self.plans['plans_name']}__{self.configuration}"
+        found = [(d, f) for d in sorted(folder.glob(pattern)) for f in sorted(d.glob("fold_*"))
+                 if (f / "checkpoint_final.pth").is_file() and f.name != "fold_all"]
+        splits_file = self.pp / "splits_final.json"
+        if found and not splits_file.is_file():
+            logger.warning("trained models exist but %s does not; they are not compared", splits_file)
+            return [], []
+        return found, (load_json(splits_file) if found else [])
+
     def _load_trained(self) -> list[dict]:
         """Every trained fold (checkpoint_final.pth) of this data set and configuration, with its validation
         cases. Checkpoints that do not fit the current plans are skipped with a warning."""
@@ -171,17 +184,10 @@ class ZeroShotEvaluator:
         from samunet.models.heads import build_head
         from samunet.training.checkpoint import check_compatible, load_checkpoint
         from samunet.training.trainer import build_encoder_for_plans
-        folder = results_folder() / self.dataset_name
-        pattern = f"samunetTrainer_*__{self.plans['plans_name']}__{self.configuration}"
-        found = [(d, f) for d in sorted(folder.glob(pattern)) for f in sorted(d.glob("fold_*"))
-                 if (f / "checkpoint_final.pth").is_file() and f.name != "fold_all"]
+        found, splits = self._trained_folds()
         if not found:
             return []
         splits_file = self.pp / "splits_final.json"
-        if not splits_file.is_file():
-            logger.warning("trained models exist but %s does not; they are not compared", splits_file)
-            return []
-        splits = load_json(splits_file)
         encoder = self.encoder if self.input_size == int(self.config["encoder_input_size"]) \
             and self.encoder_name == self.plans["encoder"]["name"] else None
         if encoder is None:
@@ -218,7 +224,10 @@ class ZeroShotEvaluator:
         if not ids:
             raise SamunetError(f"{self.data_dir}: no preprocessed cases")
         rng = np.random.default_rng(self.settings.seed)
-        val = set().union(*(t["val"] for t in self.trained)) if self.trained else set()
+        # the same cases whether or not the trained heads are compared in this run
+        found, splits = self._trained_folds()
+        folds = {int(f.name[len("fold_"):]) for _, f in found}
+        val = set().union(*(set(splits[k]["val"]) for k in folds if k < len(splits))) if folds else set()
         first = [i for i in ids if i in val]
         rest = [i for i in ids if i not in val]
         order = [first[i] for i in rng.permutation(len(first))] + [rest[i] for i in rng.permutation(len(rest))]
