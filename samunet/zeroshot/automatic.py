@@ -87,7 +87,7 @@ def automatic_masks(segmenter, embedding: torch.Tensor, geometry, settings: Auto
     labels = torch.ones(len(pts), 1, dtype=torch.int64)
     masks, ious, stab = [], [], []
     best = np.zeros(len(targets or []))
-    counts = {"candidates": 0, "after_iou": 0, "after_stability": 0}
+    counts = {"candidates": 0, "after_iou": 0, "after_stability": 0, "max_pred_iou": 0.0}
     for a in range(0, len(pts), settings.chunk_size):
         out = segmenter.predict_prompts(embedding, coords[a:a + settings.chunk_size],
                                         labels[a:a + settings.chunk_size], multimask_output=settings.multimask,
@@ -100,6 +100,7 @@ def automatic_masks(segmenter, embedding: torch.Tensor, geometry, settings: Auto
             best[t] = max(best[t], float(d.max()))
         iou = out.iou.flatten().cpu()
         counts["candidates"] += len(iou)
+        counts["max_pred_iou"] = max(counts["max_pred_iou"], float(iou.max()))
         keep = iou >= settings.pred_iou_thresh
         counts["after_iou"] += int(keep.sum())
         s = stability_score(logits, settings.stability_score_offset)

@@ -235,13 +235,14 @@ class ZeroShotEvaluator:
         return order if n is None else order[:n]
 
     def choose_slices(self, seg: np.ndarray) -> list[int]:
-        """Slices with at least one object large enough; ``slices_per_case`` evenly spaced among them."""
+        """Slices with at least one object large enough; ``slices_per_case`` of them at the centres of equal
+        parts of that range (one slice: the middle one, not an edge slice with a sliver of the object)."""
         with_obj = [s for s in range(seg.shape[0]) if P.find_objects(seg[s], self.label_values,
                                                                      self.settings.min_size)[0]]
         k = self.settings.slices_per_case
         if k is None or len(with_obj) <= k:
             return with_obj
-        idx = np.unique(np.round(np.linspace(0, len(with_obj) - 1, k)).astype(int))
+        idx = ((np.arange(k) + 0.5) * len(with_obj) / k).astype(int)
         return [with_obj[i] for i in idx]
 
     # ------------------------------------------------------------------------------------------------ run
@@ -326,7 +327,8 @@ class ZeroShotEvaluator:
         auto = None
         if "everything" in st.modes:
             auto = automatic_masks(self.segmenter, emb, geometry, st.automatic, [o.mask for o in objects])
-            info["automatic"] = {k: auto[k] for k in ("candidates", "after_iou", "after_stability", "after_nms")}
+            info["automatic"] = {k: auto[k] for k in ("candidates", "after_iou", "after_stability", "after_nms",
+                                                      "max_pred_iou")}
         rows = []
         for i, o in enumerate(objects):
             row = {"case": case, "slice": s, "label": o.label, "class": self.class_names.get(o.label, str(o.label)),

@@ -60,6 +60,7 @@ def summarise(result: dict, description: dict) -> dict:
         auto = result["automatic"]
         summary["everything_filter_counts"] = {k: int(sum(a[k] for a in auto))
                                                for k in ("candidates", "after_iou", "after_stability", "after_nms")}
+        summary["everything_max_pred_iou"] = max((a["max_pred_iou"] for a in auto), default=float("nan"))
     k = st["clicks"]
     if k:
         clicks = {"mean_dice": [_stats(r.get(f"click_{i + 1}") for r in objs)["mean"] for i in range(k)]}
@@ -184,7 +185,7 @@ def markdown(summary: dict, files: list[str], command: str | None = None) -> str
         lines += ["```", command, "```", ""]
     lines += [
         f"- {len(summary['cases'])} cases, {summary['num_slices']} slices (at most {st['slices_per_case']} per case, "
-        f"evenly spaced among slices with an object), {summary['num_objects']} objects (class x connected "
+        f"spread evenly over the slices with an object), {summary['num_objects']} objects (class x connected "
         f"component); {summary['skipped_small_objects']} objects under {st['min_size']} pixels skipped.",
         f"- Encoder input {summary['encoder_input_size']} px ({size_note}; the plans use "
         f"{summary['plans_input_size']} px for the trained heads). Dice is measured on the preprocessed slice grid.",
@@ -208,7 +209,8 @@ def markdown(summary: dict, files: list[str], command: str | None = None) -> str
                   f"per point; kept if predicted IoU >= {a['pred_iou_thresh']} and stability >= "
                   f"{a['stability_score_thresh']} (offset {a['stability_score_offset']}), box NMS at "
                   f"{a['box_nms_thresh']}. Candidates over all slices: {fc['candidates']}; after the IoU filter "
-                  f"{fc['after_iou']}; after the stability filter {fc['after_stability']}; after NMS {fc['after_nms']}.",
+                  f"{fc['after_iou']}; after the stability filter {fc['after_stability']}; after NMS {fc['after_nms']}. "
+                  f"Highest predicted IoU of any candidate: {_f(summary['everything_max_pred_iou'])}.",
                   "", "| matching | mean Dice |", "|---|---|",
                   f"| oracle (best Dice among kept masks) | {_f(summary['dice_per_mode']['everything_oracle']['mean'])} |",
                   f"| predicted IoU (best-rated kept mask overlapping the object) | "
