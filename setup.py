@@ -37,6 +37,7 @@ setup(
             "samunet_find_best_configuration=samunet.cli:find_best_configuration_entry",
             "samunet_ensemble=samunet.cli:ensemble_entry",
             "samunet_apply_postprocessing=samunet.cli:apply_postprocessing_entry",
+            "samunet_zeroshot=samunet.zeroshot.cli:zeroshot_entry",
         ]
     },
 )

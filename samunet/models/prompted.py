@@ -96,3 +96,48 @@ class PromptedSegmenter(nn.Module):
         low = torch.cat(low_res)
         full = F.interpolate(low, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
         return PromptedOutput(masks=full, iou=torch.cat(ious), low_res=low)
+
+    @torch.no_grad()
+    def predict_prompts(self, embedding: torch.Tensor, point_coords: torch.Tensor | None = None,
+                        point_labels: torch.Tensor | None = None, boxes: torch.Tensor | None = None,
+                        mask_input: torch.Tensor | None = None, multimask_output: bool = False,
+                        chunk_size: int = 16) -> PromptedOutput:
+        """Many prompts on ONE image: ``embedding`` (1, C, g, g) is shared by N prompts batched along the first
+        axis (point_coords (N, n, 2), boxes (N, 4), mask_input (N, 1, 4g, 4g)), decoded ``chunk_size`` at a
+        time. Same outputs as ``forward`` with the embedding repeated N times, without repeating the encoder."""
+        if embedding.ndim != 4 or embedding.shape[0] != 1:
+            raise ValueError(f"embedding must be (1, C, g, g), got {tuple(embedding.shape)}")
+        n = self._batch_size(None, point_coords, boxes, mask_input)
+        masks, ious, lows = [], [], []
+        for a in range(0, n, chunk_size):
+            sl = slice(a, min(n, a + chunk_size))
+            m = sl.stop - sl.start
+            out = self._decode_shared(
+                embedding, m,
+                None if point_coords is None else point_coords[sl], None if point_labels is None else point_labels[sl],
+                None if boxes is None else boxes[sl], None if mask_input is None else mask_input[sl],
+                multimask_output)
+            masks.append(out.masks)
+            ious.append(out.iou)
+            lows.append(out.low_res)
+        return PromptedOutput(masks=torch.cat(masks), iou=torch.cat(ious), low_res=torch.cat(lows))
+
+    def _decode_shared(self, embedding, m, point_coords, point_labels, boxes, mask_input, multimask_output):
+        device = embedding.device
+        points = None
+        if point_coords is not None:
+            points = (torch.as_tensor(point_coords, dtype=torch.float32, device=device).reshape(m, -1, 2),
+                      torch.as_tensor(point_labels, device=device).reshape(m, -1).to(torch.int64))
+        if boxes is not None:
+            boxes = torch.as_tensor(boxes, dtype=torch.float32, device=device).reshape(m, 4)
+        if mask_input is not None:
+            mask_input = torch.as_tensor(mask_input, dtype=torch.float32, device=device)
+            if tuple(mask_input.shape) != (m, 1, self.low_res_size, self.low_res_size):
+                raise ValueError(f"mask_input must be (N, 1, {self.low_res_size}, {self.low_res_size}), "
+                                 f"got {tuple(mask_input.shape)}")
+        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        low, iou = self.mask_decoder(image_embeddings=embedding, image_pe=self.prompt_encoder.get_dense_pe(),
+                                     sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                     multimask_output=multimask_output)
+        full = F.interpolate(low, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        return PromptedOutput(masks=full, iou=iou, low_res=low)
