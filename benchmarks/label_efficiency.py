@@ -69,7 +69,7 @@ class nnUNetTrainer_samunetBench(nnUNetTrainer):
 '''
 
 QUICK = {"labeled": ["1", "5", "all"],
-         "heads": {"epochs": 10, "iterations": 25, "batch_size": 16},
+         "heads": {"epochs": 4, "iterations": 10, "batch_size": 16},
          "unet": {"epochs": 4, "iterations": 10, "batch_size": 16},
          "nnunet": {"epochs": 4, "iterations": 10, "val_iterations": 2, "batch_size": 16}}
 
@@ -126,15 +126,21 @@ def evaluate(raw: Path, pred: Path, cases: list[str], ending: str, out: Path) ->
     present = sorted(p.name[: -len(ending)] for p in pred.glob(f"*{ending}"))
     if present != sorted(cases):
         raise SystemExit(f"{pred}: predictions {len(present)} case(s) do not match the {len(cases)} validation cases")
-    # --chill: the raw labelsTr holds every case, the prediction folder only the validation cases (checked above)
-    run(console("samunet_evaluate_folder") + [str(raw / "labelsTr"), str(pred), "-djfile", str(raw / "dataset.json"),
-                                              "-o", str(out), "--chill"])
+    newest = max(p.stat().st_mtime for p in pred.glob(f"*{ending}"))
+    if not out.is_file() or out.stat().st_mtime < newest:  # evaluated once per set of predictions
+        _evaluate(raw, pred, out)
     s = load_json(out)
     n = len(s["metric_per_case"])
     if n != len(cases):
         raise SystemExit(f"{out}: {n} cases evaluated, expected {len(cases)}")
     return {"mean_foreground_dice": s["foreground_mean"]["Dice"],
             "dice_per_class": {k: v["Dice"] for k, v in s["mean"].items()}, "num_cases": n, "summary": str(out)}
+
+
+def _evaluate(raw: Path, pred: Path, out: Path) -> None:
+    # --chill: the raw labelsTr holds every case, the prediction folder only the validation cases (checked above)
+    run(console("samunet_evaluate_folder") + [str(raw / "labelsTr"), str(pred), "-djfile", str(raw / "dataset.json"),
+                                              "-o", str(out), "--chill"])
 
 
 def time_from_text_log(folder: Path, pattern: str) -> float | None:
@@ -162,6 +168,9 @@ def samunet_cell(a, head: str, n: str, expected_train: list[str], val: list[str]
     if num is not None:
         cmd += ["--num_labeled_cases", str(num)]
     logf = work / "logs" / f"{head}_n{n}.log"
+    if a.report_only and not (final.is_file() and predictions_complete(out / "validation", val, ending)):
+        log(f"{head} n={n}: not finished; left out of the report (--report_only)")
+        return None
     if not final.is_file():
         resume = (out / "checkpoint_latest.pth").is_file()
         cell["wall_s"] += run(cmd + (["--c"] if resume else []), log_file=logf)
@@ -185,7 +194,7 @@ def samunet_cell(a, head: str, n: str, expected_train: list[str], val: list[str]
             "training_time_s": round(float(sum(state["log"]["epoch_time"])), 1),
             "training_time_note": "sum of samunet's epoch times (training iterations plus the per-epoch pseudo-Dice "
                                   "check), from the checkpoint",
-            "cell_wall_s": round(cell["wall_s"], 1),
+            "cell_wall_s": round(cell["wall_s"], 1), **({"cell_note": cell["note"]} if "note" in cell else {}),
             "model_folder": str(out)}
 
 
@@ -268,7 +277,10 @@ class NnUNet:
         cmd = [str(self.bin / "nnUNetv2_train"), str(self.a.dataset), "2d", str(idx), "-tr", NNUNET_TRAINER,
                "-device", "cpu" if self.a.device == "cpu" else "cuda"]
         logf = self.work / "logs" / f"nnunet_n{n}.log"
-        if not (out / "checkpoint_final.pth").is_file():
+        if self.a.report_only and not ((out / "checkpoint_final.pth").is_file()
+                                       and predictions_complete(out / "validation", val, ending)):
+            log(f"nnunet n={n}: not finished; left out of the report (--report_only)")
+            return None
             resume = (out / "checkpoint_latest.pth").is_file()
             cell["wall_s"] += run(cmd + (["--c"] if resume else []), env=self.env, log_file=logf)
         elif not predictions_complete(out / "validation", val, ending):
@@ -351,6 +363,7 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     n_train = report["settings"]["num_train_cases_by_setting"]
     styles = {"autosam": "o-", "cnn": "s-", "linear": "^-", "unet": "x--", "nnunet": "d--"}
@@ -367,6 +380,7 @@ def plot(report: dict, path: Path) -> None:
     ticks = sorted({n_train[s] for s in report["settings"]["labeled"]})
     ax.set_xticks(ticks)
     ax.set_xticklabels([str(t) for t in ticks])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("labelled training cases")
     ax.set_ylabel("mean foreground Dice (validation)")
     ax.set_ylim(0, 1)
@@ -406,6 +420,8 @@ def main(argv=None):
     p.add_argument("--crosscheck_predict", action="store_true",
                    help="re-predict the first head's largest setting with samunet_predict (no mirroring) and "
                         "compare its Dice with the final-validation files")
+    p.add_argument("--report_only", action="store_true",
+                   help="train nothing: write the report from the cells that have finished (others show as missing)")
     p.add_argument("--out", default=str(HERE / "results"))
     a = p.parse_args(argv)
     t_start = time.time()
@@ -471,8 +487,9 @@ def main(argv=None):
     nn = None
     if not a.no_nnunet:
         nn = NnUNet(a, work, nn_b)
-        nn.install_trainer()
-        nn.preprocess()
+        if not a.report_only:
+            nn.install_trainer()
+            nn.preprocess()
     splits = load_json(pp / "splits_final.json")
     for s in labeled:
         for m in methods:
@@ -480,10 +497,14 @@ def main(argv=None):
             log(f"--- {key}")
             if m == "nnunet":
                 idx = nn.split_index(splits, a.fold, subsets[s], val)  # 'all' finds fold K itself
-                cells[key] = nn.cell(s, idx, subsets[s], val, ending, a.raw)
+                cell = nn.cell(s, idx, subsets[s], val, ending, a.raw)
             else:
-                cells[key] = samunet_cell(a, m, s, subsets[s], val, unet_b if m == "unet" else heads_b, ending,
-                                          a.raw, work)
+                cell = samunet_cell(a, m, s, subsets[s], val, unet_b if m == "unet" else heads_b, ending,
+                                    a.raw, work)
+            if cell is None:
+                cells.pop(key, None)
+                continue
+            cells[key] = cell
             log(f"{key}: mean foreground Dice {cells[key]['mean_foreground_dice']:.4f}")
 
     crosscheck = old.get("crosscheck_predict")
@@ -503,17 +524,21 @@ def main(argv=None):
         "The U-Net from scratch uses nnU-Net's 2d topology rule for samunet's encoder input "
         f"({cfg['encoder_input_size']} px, the resized slice), nnU-Net's SGD and poly schedule and samunet's "
         "Dice + cross-entropy loss without deep supervision; nnU-Net itself works on its own patch at the native "
-        "resolution.",
-        "Training times are CPU times on a shared machine; other jobs ran at the same time, so they vary.",
+        "resolution, with its own plans (its own slice axis, patch size and normalisation).",
+        "Training times are wall-clock times on a shared machine; other jobs ran at the same time, so they vary.",
     ]
     if a.quick:
-        notes.append("Quick budget: far from converged, especially for the networks trained from scratch, whose "
-                     "budget is much smaller than the heads' (a 2D U-Net on 128 px inputs costs seconds per "
-                     "iteration on 2 CPU cores). The quick numbers show what a few CPU minutes buy, not the "
-                     "converged comparison; run without --quick on a GPU for that.")
+        notes.append("Quick budget: every method gets the same few training samples and is far from converged, "
+                     "the networks trained from scratch most of all. The quick numbers compare what that budget buys, "
+                     "not converged models; run without --quick on a GPU for that.")
+    missing = [f"{m}_n{s}" for s in labeled for m in methods if f"{m}_n{s}" not in cells]
+    if missing:
+        notes.append(f"Not finished, shown as '—': {', '.join(missing)}. Rerunning the command completes them "
+                     "(finished cells are skipped, interrupted ones continue).")
     report = {
         "dataset": a.dataset_name, "fold": a.fold, "quick": a.quick,
-        "command": "python benchmarks/label_efficiency.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python benchmarks/label_efficiency.py " + " ".join(
+            x for x in (sys.argv[1:] if argv is None else argv) if x != "--report_only"),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, device {a.device}",
         "num_train_cases_fold": len(train), "num_val_cases": len(val), "val_cases": val,
@@ -529,6 +554,7 @@ def main(argv=None):
         "nnunet_preprocess_wall_s": nn.preprocess_time() if nn else None,
         "cells": {k: cells[k] for k in cells if k.split("_n")[0] in methods},
         "crosscheck_predict": crosscheck,
+        "missing_cells": missing,
         "notes": notes,
     }
     report["wall_s_this_invocation"] = round(time.time() - t_start, 1)
