@@ -404,8 +404,9 @@ def main(argv=None):
                    help="samunet models (default: autosam cnn linear unet)")
     p.add_argument("--no_nnunet", action="store_true", help="leave nnU-Net out")
     p.add_argument("--quick", action="store_true", help="small CPU budget (see QUICK); results get a _quick suffix")
-    p.add_argument("--epochs", type=int, default=None, help="heads: epochs (default: plans; quick 10)")
-    p.add_argument("--iterations", type=int, default=None, help="heads: iterations per epoch (default: plans)")
+    p.add_argument("--epochs", type=int, default=None, help="heads and U-Net: epochs (default: plans; quick 4)")
+    p.add_argument("--iterations", type=int, default=None,
+                   help="heads and U-Net: iterations per epoch (default: plans; quick 10)")
     p.add_argument("--batch_size", type=int, default=None, help="heads and U-Net: batch size (default: plans)")
     p.add_argument("--unet_epochs", type=int, default=None, help="U-Net: epochs (default: as the heads)")
     p.add_argument("--unet_iterations", type=int, default=None, help="U-Net: iterations (default: as the heads)")
@@ -458,10 +459,7 @@ def main(argv=None):
     for key, val_ in (("epochs", a.epochs), ("iterations", a.iterations), ("batch_size", a.batch_size)):
         if val_ is not None:
             heads_b[key] = val_
-            if key != "batch_size" and not a.quick:
-                unet_b[key] = val_
-    if a.batch_size is not None:
-        unet_b["batch_size"] = a.batch_size
+            unet_b[key] = val_  # the U-Net follows the heads' budget unless --unet_* says otherwise
     if a.unet_epochs is not None:
         unet_b["epochs"] = a.unet_epochs
     if a.unet_iterations is not None:
