@@ -19,6 +19,7 @@ setup(
         "scipy>=1.10",
         "tqdm>=4.60",
         "matplotlib>=3.6",
+        "dynamic-network-architectures>=0.4",
     ],
     extras_require={"test": ["pytest>=7"]},
     entry_points={

@@ -35,7 +35,8 @@ class EnsemblePredictor:
                  device: str = "auto", tta: bool = True):
         from samunet.models.encoders import encoder_identity
         from samunet.models.heads import build_head
-        from samunet.training.trainer import build_encoder_for_plans, resolve_device
+        from samunet.models.unet import build_unet
+        from samunet.training.trainer import IMAGE_MODELS, build_encoder_for_plans, resolve_device
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():
             raise SamunetError(f"{self.model_dir}: model folder not found")
@@ -57,16 +58,24 @@ class EnsemblePredictor:
             if f not in available:
                 raise SamunetError(f"{self.model_dir}: fold {f} has no {checkpoint} (available folds with it: "
                                    f"{', '.join(available) or 'none'})")
-        self.encoder = build_encoder_for_plans(self.plans, self.config, self.device)
-        identity = encoder_identity(self.encoder)
+        states = {f: load_checkpoint(self.model_dir / f"fold_{f}" / checkpoint) for f in self.folds}
+        # the from-scratch U-Net reads images: no encoder is built when every fold is one
+        needs_encoder = any(s.get("head") not in IMAGE_MODELS for s in states.values())
+        self.encoder = build_encoder_for_plans(self.plans, self.config, self.device) if needs_encoder else None
+        identity = encoder_identity(self.encoder) if needs_encoder else None
         self.heads = []
-        for f in self.folds:
+        for f, state in states.items():
             path = self.model_dir / f"fold_{f}" / checkpoint
-            state = load_checkpoint(path)
-            check_compatible(state, path, {"configuration": self.configuration, "encoder_identity": identity,
+            is_image_model = state.get("head") in IMAGE_MODELS
+            check_compatible(state, path, {"configuration": self.configuration,
+                                           "encoder_identity": None if is_image_model else identity,
                                            "preprocessing_identity": self.config["preprocessing_identity"]})
-            head = build_head(state["head"], self.encoder, len(self.label_values),
-                              in_channels_multiplier=int(state["in_channels_multiplier"]))
+            if is_image_model:
+                head = build_unet(state["unet_architecture"], 3 * int(state["in_channels_multiplier"]),
+                                  len(self.label_values))
+            else:
+                head = build_head(state["head"], self.encoder, len(self.label_values),
+                                  in_channels_multiplier=int(state["in_channels_multiplier"]))
             head.load_state_dict(state["head_state"])
             self.heads.append(head.to(self.device).eval())
 

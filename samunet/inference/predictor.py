@@ -3,7 +3,9 @@
 For each slice the frozen encoder runs once per test-time-augmentation view; every fold's head reuses that
 embedding, so an ensemble of five folds costs one encoder pass, not five. Class probabilities are averaged over
 heads (folds) and views, blended over tiles with a Gaussian weight in sliding-window mode, and mapped back through
-every preprocessing step to the original file's geometry.
+every preprocessing step to the original file's geometry. Models that read images instead of embeddings (the
+from-scratch U-Net, ``takes_images``) get the encoder inputs of each view directly; with only such models no
+encoder is needed (``encoder=None``).
 """
 from __future__ import annotations
 
@@ -33,6 +35,9 @@ def predict_preprocessed(data: np.ndarray, config: dict, encoder, heads: list, n
     ``cached_embeddings`` (rows in slice-major, tile-minor order, as the embedding cache stores them) replace the
     encoder for the un-flipped view.
     """
+    image_models = [getattr(h, "takes_images", False) for h in heads]
+    if encoder is None and not all(image_models):
+        raise ValueError("embedding heads need the encoder (only image models such as the U-Net run without one)")
     s_count = data.shape[1]
     layout = make_layout(data.shape[2:], config)
     n_tiles = len(layout["tiles"])
@@ -43,17 +48,20 @@ def predict_preprocessed(data: np.ndarray, config: dict, encoder, heads: list, n
     for start in range(0, s_count, slices_per_chunk):
         chunk = range(start, min(s_count, start + slices_per_chunk))
         for view in views:
-            if not view and cached_embeddings is not None:
-                emb = torch.from_numpy(np.asarray(
-                    cached_embeddings[start * n_tiles:(chunk[-1] + 1) * n_tiles], dtype=np.float32)).to(device)
-            else:
+            x = emb = None
+            if any(image_models) or view or cached_embeddings is None:
                 x = torch.cat([encoder_inputs(np.ascontiguousarray(_flip(slice_images(data, s, config), view)),
-                                              layout) for s in chunk])  # (n*T, n_enc, 3, P, P)
-                n_enc = x.shape[1]
-                e = encoder(x.reshape(-1, *x.shape[2:]).to(device)).float()
-                emb = e.reshape(x.shape[0], n_enc * e.shape[1], *e.shape[2:])
-            for head in heads:
-                logits = head(emb).float().cpu()
+                                              layout) for s in chunk]).to(device)  # (n*T, n_enc, 3, P, P)
+            if not all(image_models):
+                if not view and cached_embeddings is not None:
+                    emb = torch.from_numpy(np.asarray(
+                        cached_embeddings[start * n_tiles:(chunk[-1] + 1) * n_tiles], dtype=np.float32)).to(device)
+                else:
+                    e = encoder(x.reshape(-1, *x.shape[2:])).float()
+                    emb = e.reshape(x.shape[0], x.shape[1] * e.shape[1], *e.shape[2:])
+            for head, takes_images in zip(heads, image_models):
+                inp = x.reshape(x.shape[0], -1, *x.shape[3:]) if takes_images else emb
+                logits = head(inp).float().cpu()
                 for i, s in enumerate(chunk):
                     probs = probabilities_to_slice(logits[i * n_tiles:(i + 1) * n_tiles], layout)
                     out[:, s] += weight * _flip(probs, view).numpy()

@@ -12,6 +12,7 @@ import numpy as np
 
 from samunet import __version__
 from samunet.models.specs import EncoderSpec, get_encoder_spec
+from samunet.models.unet import unet_block
 from samunet.utils import SamunetError, stable_hash
 
 PLANS_NAME = "samunetPlans"
@@ -23,7 +24,8 @@ MIN_BATCH_SIZE = 2
 CPU_GFLOPS_REFERENCE = 55.0       # LiteMedSAM fp32 eager, measured on a 2-core CPU: 75 GFLOP in ~1.35 s
 MIN_ITERATIONS, MAX_ITERATIONS = 25, 250
 NUM_EPOCHS_CACHED, NUM_EPOCHS_ON_THE_FLY = 100, 50
-INITIAL_LR = {"autosam": 1e-3, "cnn": 1e-3, "linear": 1e-2}  # a lone 1x1 classifier needs larger steps
+INITIAL_LR = {"autosam": 1e-3, "cnn": 1e-3, "linear": 1e-2,  # a lone 1x1 classifier needs larger steps
+              "unet": 1e-2}  # the from-scratch U-Net: nnU-Net's SGD learning rate
 RGB_NAMES = ({"r", "g", "b"}, {"red", "green", "blue"})
 
 
@@ -224,6 +226,7 @@ def _configuration(name: str, context: int, fingerprint: dict, spec: EncoderSpec
                             f"{epochs} epochs {'on cached embeddings' if cache else 'with on-the-fly encoding'}; "
                             "override with samunet_train --epochs"),
         "initial_lr": dict(INITIAL_LR),
+        "unet": unet_block([input_size, input_size]),
         "cache_embeddings": bool(cache),
         "estimated_cache_gb": round(cache_gb, 3),
         "cache_reason": cache_reason,
@@ -242,8 +245,8 @@ def plan_experiment(fingerprint: dict, dataset_json: dict, encoder: str = "lite_
     if spec.needs_checkpoint and not checkpoint:
         raise SamunetError(f"encoder {encoder} needs its official checkpoint: pass --checkpoint PATH "
                            f"(its weights are never downloaded)")
-    if head is not None and head not in ("autosam", "cnn", "linear"):
-        raise SamunetError(f"unknown head '{head}' (choose autosam, cnn or linear)")
+    if head is not None and head not in ("autosam", "cnn", "linear", "unet"):
+        raise SamunetError(f"unknown head '{head}' (choose autosam, cnn, linear or unet)")
     opts = {"memory_gb": float(memory_gb), "disk_gb": float(disk_gb), "input_size": input_size, "head": head}
     available = {"2d": 1} if fingerprint["dims"] == [2] else {"2d": 1, "2.5d": 3}
     wanted = configurations or list(available)

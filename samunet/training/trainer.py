@@ -29,7 +29,8 @@ from samunet.utils import SamunetError, load_json, save_json
 
 logger = logging.getLogger("samunet")
 
-HEADS = ("autosam", "cnn", "linear")
+HEADS = ("autosam", "cnn", "linear", "unet")
+IMAGE_MODELS = ("unet",)  # trained from scratch on the encoder inputs: no encoder, no embedding cache
 EMA_MOMENTUM = 0.9
 GRAD_CLIP = 12.0
 VAL_ROWS_CACHED = 512
@@ -81,6 +82,11 @@ class Trainer:
         self.num_labeled_cases = num_labeled_cases
         self.device = resolve_device(device)
         self.use_cache = self.config["cache_embeddings"] if use_cache is None else use_cache
+        self.takes_images = self.head_name in IMAGE_MODELS
+        if self.takes_images:
+            if use_cache:
+                raise SamunetError(f"--head {self.head_name} is trained on images, not on cached embeddings")
+            self.use_cache = False
         self.seed = seed
         self.ram_budget_mb = ram_budget_mb
         self.label_values = self.plans["label_values"]
@@ -92,7 +98,7 @@ class Trainer:
         self.log = new_log()
         self.epoch = 0
         self.best_ema = -1.0
-        self.encoder = self.head = self.optimizer = None
+        self.encoder = self.head = self.optimizer = self.cache = None
 
     # ----------------------------------------------------------------- set-up
     def _case_ids(self) -> list[str]:
@@ -105,9 +111,9 @@ class Trainer:
                                f"run samunet_preprocess -d {self.dataset_name} -c {self.configuration}")
         return ids
 
-    def _identity(self) -> dict:
+    def _identity(self) -> dict | None:
         from samunet.models.encoders import encoder_identity
-        return encoder_identity(self.encoder)
+        return None if self.encoder is None else encoder_identity(self.encoder)
 
     def _expected(self) -> dict:
         return {"dataset_name": self.dataset_name, "configuration": self.configuration, "head": self.head_name,
@@ -121,19 +127,23 @@ class Trainer:
         self.train_ids = labeled_subset(train, self.num_labeled_cases, self.fold, self.seed)
         self.val_ids = val
         torch.manual_seed(self.seed)
-        self.encoder = build_encoder_for_plans(self.plans, self.config, self.device)
         n_ch = len(self.plans["channel_names"])
         self.n_enc = n_ch if self.config["channel_rule"]["type"] == "encode_each_and_fuse" else 1
-        self.head = build_head(self.head_name, self.encoder, self.num_classes,
-                               in_channels_multiplier=self.n_enc).to(self.device)
-        self.initial_lr = float(self.config["initial_lr"][self.head_name])
-        self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=self.initial_lr, weight_decay=1e-4)
+        if self.takes_images:
+            self._build_unet()
+        else:
+            self.encoder = build_encoder_for_plans(self.plans, self.config, self.device)
+            self.head = build_head(self.head_name, self.encoder, self.num_classes,
+                                   in_channels_multiplier=self.n_enc).to(self.device)
+            self.initial_lr = float(self.config["initial_lr"][self.head_name])
+            self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=self.initial_lr, weight_decay=1e-4)
         self.amp_dtype = None
         if self.device.type == "cuda":
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        self.cache = EmbeddingCache(self.pp_folder, self.configuration, self.config, self._identity(),
-                                    self.label_values)
+        if not self.takes_images:
+            self.cache = EmbeddingCache(self.pp_folder, self.configuration, self.config, self._identity(),
+                                        self.label_values)
         data_dir = self.pp_folder / self.config["data_identifier"]
         if self.use_cache:
             self.cache.build(sorted(set(self.train_ids) | set(self.val_ids)), self.encoder, self.ram_budget_mb)
@@ -147,9 +157,24 @@ class Trainer:
         self.val_rows = np.sort(rng.permutation(len(self.val_data))[:n_val])
         self.text = TextLog(self.output)
 
+    def _build_unet(self) -> None:
+        """The from-scratch U-Net: nnU-Net's topology for the encoder input, nnU-Net's optimiser."""
+        from samunet.models.unet import build_unet, unet_block
+        from samunet.planning.planner import INITIAL_LR
+        arch = self.config.get("unet")
+        if arch is None:  # plans written before the planner had a unet block: the same rule, applied here
+            arch = unet_block(self.config["patch_size"])
+            logger.info("the plans have no 'unet' block; using the planner's rule for %s px", self.config["patch_size"])
+        self.unet_architecture = {k: v for k, v in arch.items() if not k.endswith("reason")}
+        self.head = build_unet(self.unet_architecture, 3 * self.n_enc, self.num_classes).to(self.device)
+        self.initial_lr = float(self.config["initial_lr"].get("unet", INITIAL_LR["unet"]))
+        self.optimizer = torch.optim.SGD(self.head.parameters(), lr=self.initial_lr, momentum=0.99, nesterov=True,
+                                         weight_decay=3e-5)
+
     # ----------------------------------------------------------------- checkpoints
     def _state(self) -> dict:
-        return {**self._expected(), "trainer": self.trainer, "num_classes": self.num_classes,
+        extra = {"unet_architecture": self.unet_architecture} if self.takes_images else {}
+        return {**self._expected(), **extra, "trainer": self.trainer, "num_classes": self.num_classes,
                 "label_values": self.label_values, "in_channels_multiplier": self.n_enc,
                 "head_state": self.head.state_dict(), "optimizer_state": self.optimizer.state_dict(),
                 "scaler_state": self.scaler.state_dict(), "epoch": self.epoch, "num_epochs": self.num_epochs,
@@ -172,6 +197,10 @@ class Trainer:
 
     # ----------------------------------------------------------------- steps
     def _embed(self, batch: dict) -> torch.Tensor:
+        """The model's input: embeddings for a head, the encoder-input images themselves for the U-Net."""
+        if self.takes_images:
+            x = batch["images"].to(self.device)  # (B, n_enc, 3, P, P)
+            return x.reshape(x.shape[0], -1, *x.shape[3:])
         if "emb" in batch:
             return batch["emb"].to(self.device, non_blocking=True)
         x = batch["images"].to(self.device)
@@ -245,7 +274,7 @@ class Trainer:
         self._write_run_files()
         self.text(f"{self.dataset_name} {self.configuration} fold {self.fold}: head {self.head_name}, "
                   f"{len(self.train_ids)} training / {len(self.val_ids)} validation cases, "
-                  f"{len(self.train_data)} training inputs ({'cached embeddings' if self.use_cache else 'encoded on the fly'}), "
+                  f"{len(self.train_data)} training inputs ({self._input_kind()}), "
                   f"{self.num_epochs} epochs x {self.iterations} iterations x batch {self.batch_size}, "
                   f"device {self.device}")
         while self.epoch < self.num_epochs:
@@ -273,6 +302,11 @@ class Trainer:
         if latest.is_file():
             latest.unlink()
         return self.log
+
+    def _input_kind(self) -> str:
+        if self.takes_images:
+            return "augmented images, no encoder"
+        return "cached embeddings" if self.use_cache else "encoded on the fly"
 
     def _write_run_files(self) -> None:
         self.model_dir.mkdir(parents=True, exist_ok=True)
@@ -307,7 +341,8 @@ class Trainer:
         for ident in tqdm(self.val_ids, desc="final validation"):
             data = np.load(data_dir / f"{ident}.npy", mmap_mode="r")
             props = load_json(data_dir / f"{ident}.json")
-            emb = self.cache.load(ident)[0] if self.use_cache and self.cache.is_done(ident) else None
+            emb = self.cache.load(ident)[0] if self.cache is not None and self.use_cache and self.cache.is_done(ident) \
+                else None
             probs_pp = predict_preprocessed(data, self.config, self.encoder, [self.head], self.num_classes,
                                             tta=False, cached_embeddings=emb, batch_size=self.batch_size,
                                             device=self.device)

@@ -1,0 +1,595 @@
+"""Label efficiency: frozen-encoder heads against networks trained from scratch, for growing numbers of labels.
+
+For one data set and one cross-validation fold, every method is trained on nested, seeded subsets of the fold's
+training cases (``--labeled 1 2 5 10 all``; the subsets come from ``samunet.training.splits.labeled_subset``, the
+same function ``samunet_train --num_labeled_cases`` uses) and evaluated on the fold's full validation set:
+
+- samunet heads on the frozen encoder (``--heads autosam cnn linear``), trained on cached embeddings;
+- ``unet``: nnU-Net's 2D U-Net topology (dynamic-network-architectures ``PlainConvUNet``) trained from scratch
+  inside samunet (``samunet_train ... --head unet``) on the same augmented encoder-input images, with the same
+  sampling, training loop and final validation;
+- nnU-Net v2 itself (``2d`` configuration), run from its own virtual environment with a custom
+  ``splits_final.json`` that gives it exactly the same training and validation cases, and a small trainer variant
+  whose epoch budget comes from environment variables.
+
+Every method is scored the same way: its validation predictions in the original geometry are evaluated with
+``samunet_evaluate_folder`` against the raw ``labelsTr``. For samunet models these are the files the final
+validation of ``samunet_train`` writes (``fold_K/validation``), predicted by the same ``predict_preprocessed``
+code as ``samunet_predict`` (without mirroring), the heads reading the cached embeddings instead of re-encoding
+every slice; ``--crosscheck_predict`` re-predicts one cell with ``samunet_predict`` to show both agree.
+
+The run is resumable: finished cells are skipped, interrupted ones are continued (``--c``). Results go to
+``benchmarks/results/label_efficiency_<dataset>_fold<K>[_quick].{json,md,png}``.
+
+Environment: ``samunet_raw`` (the raw data set must also be in nnU-Net's raw format, which samunet's is),
+``samunet_preprocessed`` (planned and preprocessed, embedding cache built for the heads) and ``samunet_results``
+(where the samunet models of the study go; use a folder of its own).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+
+SAMUNET_HEADS = ("autosam", "cnn", "linear", "unet")
+NNUNET_TRAINER = "nnUNetTrainer_samunetBench"
+NNUNET_TRAINER_SOURCE = '''"""Written by samunet's benchmarks/label_efficiency.py: nnUNetTrainer with its training length (and, optionally,
+batch size) taken from environment variables, so a benchmark can state and fix the budget."""
+import os
+
+import torch
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+
+class nnUNetTrainer_samunetBench(nnUNetTrainer):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = int(os.environ.get("SAMUNET_BENCH_EPOCHS", self.num_epochs))
+        self.num_iterations_per_epoch = int(os.environ.get("SAMUNET_BENCH_ITERATIONS",
+                                                           self.num_iterations_per_epoch))
+        self.num_val_iterations_per_epoch = int(os.environ.get("SAMUNET_BENCH_VAL_ITERATIONS",
+                                                               self.num_val_iterations_per_epoch))
+        batch = os.environ.get("SAMUNET_BENCH_BATCH_SIZE")
+        if batch:
+            self.configuration_manager.configuration["batch_size"] = int(batch)
+'''
+
+QUICK = {"labeled": ["1", "5", "all"],
+         "heads": {"epochs": 4, "iterations": 10, "batch_size": 16},
+         "unet": {"epochs": 4, "iterations": 10, "batch_size": 16},
+         "nnunet": {"epochs": 4, "iterations": 10, "val_iterations": 2, "batch_size": 16}}
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def log(msg: str) -> None:
+    print(f"[{datetime.now().strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def console(name: str) -> list[str]:
+    """A samunet console script of the running interpreter's environment."""
+    exe = Path(sys.executable).parent / name
+    if exe.is_file():
+        return [str(exe)]
+    module, func = {"samunet_train": ("samunet.cli", "train_entry"),
+                    "samunet_predict": ("samunet.cli", "predict_entry"),
+                    "samunet_evaluate_folder": ("samunet.evaluation.cli", "evaluate_folder_entry")}[name]
+    return [sys.executable, "-c", f"from {module} import {func} as m; m()"]
+
+
+def run(cmd: list[str], env: dict | None = None, log_file: Path | None = None) -> float:
+    """Run a command (output to ``log_file`` if given); return its wall time; raise on failure."""
+    log("$ " + " ".join(cmd))
+    t0 = time.time()
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_file, "a") as fh:
+            r = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    else:
+        r = subprocess.run(cmd, env=env)
+    if r.returncode != 0:
+        raise SystemExit(f"command failed (exit {r.returncode}): {' '.join(cmd)}"
+                         + (f"\n  see {log_file}" if log_file else ""))
+    return time.time() - t0
+
+
+def load_json(path: Path):
+    return json.loads(Path(path).read_text())
+
+
+def save_json(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+def predictions_complete(folder: Path, cases: list[str], ending: str) -> bool:
+    return folder.is_dir() and all((folder / f"{c}{ending}").is_file() for c in cases)
+
+
+def evaluate(raw: Path, pred: Path, cases: list[str], ending: str, out: Path) -> dict:
+    """``samunet_evaluate_folder`` against the raw labels, restricted to (and checked to cover) ``cases``."""
+    present = sorted(p.name[: -len(ending)] for p in pred.glob(f"*{ending}"))
+    if present != sorted(cases):
+        raise SystemExit(f"{pred}: predictions {len(present)} case(s) do not match the {len(cases)} validation cases")
+    newest = max(p.stat().st_mtime for p in pred.glob(f"*{ending}"))
+    if not out.is_file() or out.stat().st_mtime < newest:  # evaluated once per set of predictions
+        _evaluate(raw, pred, out)
+    s = load_json(out)
+    n = len(s["metric_per_case"])
+    if n != len(cases):
+        raise SystemExit(f"{out}: {n} cases evaluated, expected {len(cases)}")
+    return {"mean_foreground_dice": s["foreground_mean"]["Dice"],
+            "dice_per_class": {k: v["Dice"] for k, v in s["mean"].items()}, "num_cases": n, "summary": str(out)}
+
+
+def _evaluate(raw: Path, pred: Path, out: Path) -> None:
+    # --chill: the raw labelsTr holds every case, the prediction folder only the validation cases (checked above)
+    run(console("samunet_evaluate_folder") + [str(raw / "labelsTr"), str(pred), "-djfile", str(raw / "dataset.json"),
+                                              "-o", str(out), "--chill"])
+
+
+def time_from_text_log(folder: Path, pattern: str) -> float | None:
+    total, found = 0.0, False
+    for f in sorted(folder.glob("training_log_*.txt")):
+        for m in re.finditer(pattern, f.read_text(errors="replace")):
+            total += float(m.group(1))
+            found = True
+    return total if found else None
+
+
+# ----------------------------------------------------------------------------------------------- samunet cells
+def samunet_cell(a, head: str, n: str, expected_train: list[str], val: list[str], budget: dict, ending: str,
+                 raw: Path, work: Path) -> dict:
+    from samunet.training.checkpoint import load_checkpoint
+    from samunet.training.trainer import model_folder, trainer_name
+    num = None if n == "all" else int(n)
+    out = model_folder(a.dataset_name, trainer_name(head, num), "samunetPlans", "2d") / f"fold_{a.fold}"
+    final = out / "checkpoint_final.pth"
+    cell_file = work / "cells" / f"{head}_n{n}.json"
+    cell = load_json(cell_file) if cell_file.is_file() else {"wall_s": 0.0}
+    cmd = console("samunet_train") + [str(a.dataset), "2d", str(a.fold), "--head", head, "--epochs",
+                                      str(budget["epochs"]), "--iterations_per_epoch", str(budget["iterations"]),
+                                      "--batch_size", str(budget["batch_size"]), "--device", a.device]
+    if num is not None:
+        cmd += ["--num_labeled_cases", str(num)]
+    logf = work / "logs" / f"{head}_n{n}.log"
+    if a.report_only and not (final.is_file() and predictions_complete(out / "validation", val, ending)):
+        log(f"{head} n={n}: not finished; left out of the report (--report_only)")
+        return None
+    if not final.is_file():
+        resume = (out / "checkpoint_latest.pth").is_file()
+        cell["wall_s"] += run(cmd + (["--c"] if resume else []), log_file=logf)
+    elif not predictions_complete(out / "validation", val, ending):
+        cell["wall_s"] += run(cmd + ["--val"], log_file=logf)
+    else:
+        log(f"{head} n={n}: already trained and validated")
+    save_json(cell, cell_file)
+    debug = load_json(out / "debug.json")
+    if sorted(debug["train_cases"]) != sorted(expected_train) or sorted(debug["val_cases"]) != sorted(val):
+        raise SystemExit(f"{out}: trained on other cases than the study expects (stale folder?)")
+    state = load_checkpoint(final)
+    if (int(state["epoch"]), int(state["iterations_per_epoch"]), int(state["batch_size"])) != \
+            (budget["epochs"], budget["iterations"], budget["batch_size"]):
+        raise SystemExit(f"{final}: trained with another budget ({state['epoch']} epochs x "
+                         f"{state['iterations_per_epoch']} x batch {state['batch_size']}); use another samunet_results")
+    result = evaluate(raw, out / "validation", val, ending, work / "eval" / f"{head}_n{n}.json")
+    return {**result, "method": head, "labeled": n, "num_train_cases": len(expected_train),
+            "train_cases": expected_train, "epochs": budget["epochs"], "iterations_per_epoch": budget["iterations"],
+            "batch_size": budget["batch_size"],
+            "training_time_s": round(float(sum(state["log"]["epoch_time"])), 1),
+            "training_time_note": "sum of samunet's epoch times (training iterations plus the per-epoch pseudo-Dice "
+                                  "check), from the checkpoint",
+            "cell_wall_s": round(cell["wall_s"], 1), **({"cell_note": cell["note"]} if "note" in cell else {}),
+            "model_folder": str(out)}
+
+
+# ----------------------------------------------------------------------------------------------- nnU-Net cells
+class NnUNet:
+    def __init__(self, a, work: Path, budget: dict):
+        bin_dir = Path(a.nnunet_bin) if a.nnunet_bin else HERE / ".venv-nnunet" / "bin"
+        self.bin = bin_dir
+        if not (bin_dir / "nnUNetv2_train").is_file():
+            raise SystemExit(f"nnU-Net not found in {bin_dir} (run benchmarks/setup_nnunet_env.sh, pass --nnunet_bin, "
+                             "or use --no_nnunet)")
+        self.budget = budget
+        self.pp = work.parent / "nnunet_preprocessed"  # shared by every budget: preprocessing does not depend on it
+        tag = f"e{budget['epochs']}_i{budget['iterations']}_b{budget['batch_size'] or 'plan'}"
+        self.results = work.parent / f"nnunet_results_{tag}"
+        self.env = {**os.environ, "nnUNet_raw": str(a.raw.parent), "nnUNet_preprocessed": str(self.pp),
+                    "nnUNet_results": str(self.results), "nnUNet_compile": "f",
+                    "nnUNet_n_proc_DA": str(a.nnunet_da_processes), "nnUNet_def_n_proc": "2",
+                    "SAMUNET_BENCH_EPOCHS": str(budget["epochs"]),
+                    "SAMUNET_BENCH_ITERATIONS": str(budget["iterations"]),
+                    "SAMUNET_BENCH_VAL_ITERATIONS": str(budget["val_iterations"])}
+        if budget["batch_size"]:
+            self.env["SAMUNET_BENCH_BATCH_SIZE"] = str(budget["batch_size"])
+        self.env.pop("PYTHONPATH", None)  # nnU-Net runs in its own environment, never with samunet on the path
+        self.a = a
+        self.work = work
+        self.times = {}
+
+    def python(self) -> str:
+        return str(self.bin / "python")
+
+    def install_trainer(self) -> str:
+        site = subprocess.run([self.python(), "-c", "import os, nnunetv2; print(os.path.dirname(nnunetv2.__file__))"],
+                              capture_output=True, text=True, env=self.env, check=True).stdout.strip()
+        target = Path(site) / "training" / "nnUNetTrainer" / "variants" / f"{NNUNET_TRAINER}.py"
+        if not target.is_file() or target.read_text() != NNUNET_TRAINER_SOURCE:
+            target.write_text(NNUNET_TRAINER_SOURCE)
+            log(f"installed {NNUNET_TRAINER} into the nnU-Net environment")
+        return str(target)
+
+    def preprocess(self) -> None:
+        folder = self.pp / self.a.dataset_name
+        marker = folder / ".samunet_bench_preprocessed"
+        if marker.is_file():
+            return
+        env = {**self.env, "nnUNet_n_proc_DA": "2"}  # its planner sets torch's thread count from this (needs >= 1)
+        t = run([str(self.bin / "nnUNetv2_plan_and_preprocess"), "-d", str(self.a.dataset), "-c", "2d",
+                 "-np", "2", "-npfp", "2"], env=env, log_file=self.work / "logs" / "nnunet_preprocess.log")
+        save_json({"wall_s": round(t, 1)}, marker)
+
+    def preprocess_time(self) -> float | None:
+        marker = self.pp / self.a.dataset_name / ".samunet_bench_preprocessed"
+        return load_json(marker)["wall_s"] if marker.is_file() else None
+
+    def split_index(self, samunet_splits: list[dict], fold: int, train: list[str], val: list[str]) -> int:
+        """Index of the nnU-Net fold with exactly these cases; samunet's folds come first (0-4), subsets after."""
+        path = self.pp / self.a.dataset_name / "splits_final.json"
+        splits = load_json(path) if path.is_file() else [{"train": sorted(s["train"]), "val": sorted(s["val"])}
+                                                          for s in samunet_splits]
+        for k in range(len(samunet_splits)):
+            if sorted(splits[k]["train"]) != sorted(samunet_splits[k]["train"]) or \
+                    sorted(splits[k]["val"]) != sorted(samunet_splits[k]["val"]):
+                raise SystemExit(f"{path}: fold {k} differs from samunet's split; remove it to let the benchmark "
+                                 "write samunet's folds")
+        want = {"train": sorted(train), "val": sorted(val)}
+        for i, s in enumerate(splits):
+            if {"train": sorted(s["train"]), "val": sorted(s["val"])} == want:
+                idx = i
+                break
+        else:
+            splits.append(want)
+            idx = len(splits) - 1
+        save_json(splits, path)
+        return idx
+
+    def cell(self, n: str, idx: int, train: list[str], val: list[str], ending: str, raw: Path) -> dict:
+        out = self.results / self.a.dataset_name / f"{NNUNET_TRAINER}__nnUNetPlans__2d" / f"fold_{idx}"
+        cell_file = self.work / "cells" / f"nnunet_n{n}.json"
+        cell = load_json(cell_file) if cell_file.is_file() else {"wall_s": 0.0}
+        cmd = [str(self.bin / "nnUNetv2_train"), str(self.a.dataset), "2d", str(idx), "-tr", NNUNET_TRAINER,
+               "-device", "cpu" if self.a.device == "cpu" else "cuda"]
+        logf = self.work / "logs" / f"nnunet_n{n}.log"
+        if self.a.report_only and not ((out / "checkpoint_final.pth").is_file()
+                                       and predictions_complete(out / "validation", val, ending)):
+            log(f"nnunet n={n}: not finished; left out of the report (--report_only)")
+            return None
+            resume = (out / "checkpoint_latest.pth").is_file()
+            cell["wall_s"] += run(cmd + (["--c"] if resume else []), env=self.env, log_file=logf)
+        elif not predictions_complete(out / "validation", val, ending):
+            cell["wall_s"] += run(cmd + ["--val"], env=self.env, log_file=logf)
+        else:
+            log(f"nnunet n={n}: already trained and validated")
+        save_json(cell, cell_file)
+        result = evaluate(raw, out / "validation", val, ending, self.work / "eval" / f"nnunet_n{n}.json")
+        train_time = time_from_text_log(out, r"Epoch time: ([0-9.]+) s")
+        epochs_done = len(re.findall(r"Epoch time:", "".join(f.read_text(errors="replace")
+                                                              for f in out.glob("training_log_*.txt"))))
+        plans = load_json(self.pp / self.a.dataset_name / "nnUNetPlans.json")["configurations"]["2d"]
+        return {**result, "method": "nnunet", "labeled": n, "num_train_cases": len(train), "train_cases": train,
+                "nnunet_fold": idx, "epochs": self.budget["epochs"], "epochs_logged": epochs_done,
+                "iterations_per_epoch": self.budget["iterations"],
+                "val_iterations_per_epoch": self.budget["val_iterations"],
+                "batch_size": self.budget["batch_size"] or plans["batch_size"],
+                "nnunet_plan_batch_size": plans["batch_size"], "patch_size": plans["patch_size"],
+                "training_time_s": round(train_time, 1) if train_time is not None else None,
+                "training_time_note": "sum of nnU-Net's logged epoch times",
+                "cell_wall_s": round(cell["wall_s"], 1), "model_folder": str(out)}
+
+
+# ----------------------------------------------------------------------------------------------- reports
+LABELS = {"autosam": "samunet autosam (frozen encoder)", "cnn": "samunet cnn (frozen encoder)",
+          "linear": "samunet linear (frozen encoder)", "unet": "2D U-Net from scratch (in samunet)",
+          "nnunet": "nnU-Net v2 2d"}
+
+
+def fmt_time(s) -> str:
+    if s is None:
+        return "?"
+    return f"{s / 60:.1f} min" if s >= 60 else f"{s:.0f} s"
+
+
+def markdown(report: dict) -> str:
+    cells = report["cells"]
+    settings = report["settings"]["labeled"]
+    n_train = report["settings"]["num_train_cases_by_setting"]
+    classes = report["class_names"]
+    head = "| method | " + " | ".join(f"{s} ({n_train[s]} cases)" if s == "all" else f"{s} labelled"
+                                      for s in settings) + " |"
+    lines = [head, "|---|" + "---|" * len(settings)]
+    for m in report["settings"]["methods"]:
+        row = [LABELS.get(m, m)]
+        for s in settings:
+            c = cells.get(f"{m}_n{s}")
+            if c is None:
+                row.append("—")
+                continue
+            per = " / ".join(f"{c['dice_per_class'][k]:.3f}" for k in sorted(c["dice_per_class"], key=int))
+            row.append(f"**{c['mean_foreground_dice']:.3f}** ({per}), {fmt_time(c['training_time_s'])}")
+        lines.append("| " + " | ".join(row) + " |")
+    b = report["budgets"]
+    text = [f"# Label efficiency: {report['dataset']} fold {report['fold']}{' (quick)' if report['quick'] else ''}",
+            "",
+            f"Mean foreground Dice on the fold's {report['num_val_cases']} validation cases, per class in brackets "
+            f"({' / '.join(classes)}), then training time. Every cell is evaluated with `samunet_evaluate_folder` "
+            "against the raw `labelsTr`.",
+            "", *lines, "",
+            "Budgets (epochs x iterations x batch):",
+            f"- heads: {b['heads']['epochs']} x {b['heads']['iterations']} x {b['heads']['batch_size']} on cached "
+            "embeddings of the frozen encoder",
+            f"- U-Net from scratch: {b['unet']['epochs']} x {b['unet']['iterations']} x {b['unet']['batch_size']} on "
+            "augmented encoder-input images (same sampling and loop as the heads)",
+            ]
+    if "nnunet" in b:
+        text.append(f"- nnU-Net: {b['nnunet']['epochs']} x {b['nnunet']['iterations']} x "
+                    f"{b['nnunet']['batch_size'] or 'plan'} ({NNUNET_TRAINER}, {b['nnunet']['val_iterations']} "
+                    "validation iterations per epoch), its own 2d plans, preprocessing and augmentation")
+    text += ["", "Notes:", *[f"- {n}" for n in report["notes"]], "",
+             f"Command: `{report['command']}`", "",
+             f"Machine: {report['machine']}; date {report['date']}; wall time of this invocation "
+             f"{fmt_time(report['wall_s_this_invocation'])}; sum of per-cell wall times recorded by the script "
+             f"{fmt_time(report['wall_s_cells_total'])}."]
+    return "\n".join(text) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    n_train = report["settings"]["num_train_cases_by_setting"]
+    styles = {"autosam": "o-", "cnn": "s-", "linear": "^-", "unet": "x--", "nnunet": "d--"}
+    for m in report["settings"]["methods"]:
+        xs, ys = [], []
+        for s in report["settings"]["labeled"]:
+            c = report["cells"].get(f"{m}_n{s}")
+            if c is not None:
+                xs.append(n_train[s])
+                ys.append(c["mean_foreground_dice"])
+        if xs:
+            ax.plot(xs, ys, styles.get(m, "o-"), label=LABELS.get(m, m))
+    ax.set_xscale("log")
+    ticks = sorted({n_train[s] for s in report["settings"]["labeled"]})
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([str(t) for t in ticks])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("labelled training cases")
+    ax.set_ylabel("mean foreground Dice (validation)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{report['dataset']} fold {report['fold']}{' (quick budget)' if report['quick'] else ''}")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------- main
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dataset", default="4", help="data set id or name (default 4)")
+    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--labeled", nargs="+", default=None,
+                   help="numbers of labelled training cases, 'all' for the whole fold (default 1 2 5 10 all; "
+                        "--quick: 1 5 all)")
+    p.add_argument("--heads", nargs="*", default=list(SAMUNET_HEADS), choices=SAMUNET_HEADS,
+                   help="samunet models (default: autosam cnn linear unet)")
+    p.add_argument("--no_nnunet", action="store_true", help="leave nnU-Net out")
+    p.add_argument("--quick", action="store_true", help="small CPU budget (see QUICK); results get a _quick suffix")
+    p.add_argument("--epochs", type=int, default=None, help="heads and U-Net: epochs (default: plans; quick 4)")
+    p.add_argument("--iterations", type=int, default=None,
+                   help="heads and U-Net: iterations per epoch (default: plans; quick 10)")
+    p.add_argument("--batch_size", type=int, default=None, help="heads and U-Net: batch size (default: plans)")
+    p.add_argument("--unet_epochs", type=int, default=None, help="U-Net: epochs (default: as the heads)")
+    p.add_argument("--unet_iterations", type=int, default=None, help="U-Net: iterations (default: as the heads)")
+    p.add_argument("--nnunet_epochs", type=int, default=None, help="nnU-Net: epochs (default 250; quick 4)")
+    p.add_argument("--nnunet_iterations", type=int, default=None, help="nnU-Net: iterations (default 250)")
+    p.add_argument("--nnunet_val_iterations", type=int, default=None, help="nnU-Net: (default 50)")
+    p.add_argument("--nnunet_batch_size", type=int, default=None, help="nnU-Net: batch size (default: its plans)")
+    p.add_argument("--nnunet_bin", default=None, help="bin folder of nnU-Net's environment")
+    p.add_argument("--nnunet_da_processes", type=int, default=0,
+                   help="nnU-Net augmentation worker processes (default 0: in the training process)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--crosscheck_predict", action="store_true",
+                   help="re-predict the first head's largest setting with samunet_predict (no mirroring) and "
+                        "compare its Dice with the final-validation files")
+    p.add_argument("--report_only", action="store_true",
+                   help="train nothing: write the report from the cells that have finished (others show as missing)")
+    p.add_argument("--out", default=str(HERE / "results"))
+    a = p.parse_args(argv)
+    t_start = time.time()
+
+    for var in ("samunet_raw", "samunet_preprocessed", "samunet_results"):
+        if not os.environ.get(var):
+            raise SystemExit(f"set {var} (see the module docstring)")
+    from samunet.paths import preprocessed_folder, resolve_dataset_name
+    from samunet.planning.plans import get_configuration, load_plans
+    from samunet.training.splits import SPLIT_SEED, get_split, labeled_subset
+    a.dataset_name = resolve_dataset_name(a.dataset)
+    a.raw = Path(os.environ["samunet_raw"]) / a.dataset_name
+    pp = preprocessed_folder() / a.dataset_name
+    plans = load_plans(a.dataset_name)
+    cfg = get_configuration(plans, "2d")
+    ending = plans["file_ending"]
+    ids = load_json(pp / "dataset_fingerprint.json")["case_identifiers"]
+    train, val = get_split(pp, ids, a.fold)
+    labeled = a.labeled or (QUICK["labeled"] if a.quick else ["1", "2", "5", "10", "all"])
+    for s in labeled:
+        if s != "all" and (not s.isdigit() or int(s) < 1):
+            raise SystemExit(f"--labeled takes positive numbers or 'all', got {s}")
+    subsets = {s: labeled_subset(train, None if s == "all" else int(s), a.fold, SPLIT_SEED) for s in labeled}
+
+    if a.quick:
+        heads_b = dict(QUICK["heads"])
+        unet_b = dict(QUICK["unet"])
+        nn_b = dict(QUICK["nnunet"])
+    else:
+        heads_b = {"epochs": cfg["num_epochs"], "iterations": cfg["iterations_per_epoch"],
+                   "batch_size": cfg["batch_size"]}
+        unet_b = dict(heads_b)
+        nn_b = {"epochs": 250, "iterations": 250, "val_iterations": 50, "batch_size": None}
+    for key, val_ in (("epochs", a.epochs), ("iterations", a.iterations), ("batch_size", a.batch_size)):
+        if val_ is not None:
+            heads_b[key] = val_
+            unet_b[key] = val_  # the U-Net follows the heads' budget unless --unet_* says otherwise
+    if a.unet_epochs is not None:
+        unet_b["epochs"] = a.unet_epochs
+    if a.unet_iterations is not None:
+        unet_b["iterations"] = a.unet_iterations
+    for key, val_ in (("epochs", a.nnunet_epochs), ("iterations", a.nnunet_iterations),
+                      ("val_iterations", a.nnunet_val_iterations), ("batch_size", a.nnunet_batch_size)):
+        if val_ is not None:
+            nn_b[key] = val_
+
+    tag = f"label_efficiency_{a.dataset_name.split('_')[0].replace('Dataset', '')}_fold{a.fold}" + \
+        ("_quick" if a.quick else "")
+    work = HERE / "work" / tag
+    work.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    methods = list(a.heads) + ([] if a.no_nnunet else ["nnunet"])
+    report_file = out_dir / f"{tag}.json"
+    old = load_json(report_file) if report_file.is_file() else {}
+    cells = dict(old.get("cells", {}))
+    log(f"{a.dataset_name} fold {a.fold}: {len(train)} training / {len(val)} validation cases; labelled settings "
+        f"{labeled}; methods {methods}")
+
+    nn = None
+    if not a.no_nnunet:
+        nn = NnUNet(a, work, nn_b)
+        if not a.report_only:
+            nn.install_trainer()
+            nn.preprocess()
+    splits = load_json(pp / "splits_final.json")
+    for s in labeled:
+        for m in methods:
+            key = f"{m}_n{s}"
+            log(f"--- {key}")
+            if m == "nnunet":
+                idx = nn.split_index(splits, a.fold, subsets[s], val)  # 'all' finds fold K itself
+                cell = nn.cell(s, idx, subsets[s], val, ending, a.raw)
+            else:
+                cell = samunet_cell(a, m, s, subsets[s], val, unet_b if m == "unet" else heads_b, ending,
+                                    a.raw, work)
+            if cell is None:
+                cells.pop(key, None)
+                continue
+            cells[key] = cell
+            log(f"{key}: mean foreground Dice {cells[key]['mean_foreground_dice']:.4f}")
+
+    crosscheck = old.get("crosscheck_predict")
+    if a.crosscheck_predict:
+        crosscheck = crosscheck_predict(a, methods, labeled, subsets, val, cells, ending, work)
+
+    label_names = {str(v): k for k, v in load_json(a.raw / "dataset.json")["labels"].items()}
+    class_names = [label_names[str(v)] for v in plans["label_values"] if v != 0]
+    notes = [
+        "Labelled subsets are nested and seeded (`labeled_subset`), identical for every method; nnU-Net gets them "
+        "through extra entries of its `splits_final.json` (folds >= 5; 'all' is fold "
+        f"{a.fold} itself), with samunet's five folds as its folds 0-4.",
+        "samunet models are scored on the files their final validation writes (`fold_K/validation`, original "
+        "geometry, same `predict_preprocessed` code as `samunet_predict`, no mirroring; heads read the cached "
+        "embeddings instead of re-encoding every slice). nnU-Net is scored on its own final validation "
+        "(with its default mirroring).",
+        "The U-Net from scratch uses nnU-Net's 2d topology rule for samunet's encoder input "
+        f"({cfg['encoder_input_size']} px, the resized slice), nnU-Net's SGD and poly schedule and samunet's "
+        "Dice + cross-entropy loss without deep supervision; nnU-Net itself works on its own patch at the native "
+        "resolution, with its own plans (its own slice axis, patch size and normalisation).",
+        "Training times are wall-clock times on a shared machine; other jobs ran at the same time, so they vary.",
+    ]
+    if a.quick:
+        notes.append("Quick budget: every method gets the same few training samples and is far from converged, "
+                     "the networks trained from scratch most of all. The quick numbers compare what that budget buys, "
+                     "not converged models; run without --quick on a GPU for that.")
+    missing = [f"{m}_n{s}" for s in labeled for m in methods if f"{m}_n{s}" not in cells]
+    if missing:
+        notes.append(f"Not finished, shown as '—': {', '.join(missing)}. Rerunning the command completes them "
+                     "(finished cells are skipped, interrupted ones continue).")
+    report = {
+        "dataset": a.dataset_name, "fold": a.fold, "quick": a.quick,
+        "command": "python benchmarks/label_efficiency.py " + " ".join(
+            x for x in (sys.argv[1:] if argv is None else argv) if x != "--report_only"),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, device {a.device}",
+        "num_train_cases_fold": len(train), "num_val_cases": len(val), "val_cases": val,
+        "class_names": class_names,
+        "settings": {"labeled": labeled, "methods": methods,
+                     "num_train_cases_by_setting": {s: len(subsets[s]) for s in labeled},
+                     "subsets": subsets, "split_seed": SPLIT_SEED},
+        "budgets": {"heads": heads_b, "unet": unet_b, **({"nnunet": nn_b} if nn else {})},
+        "samunet_plans": {"encoder": plans["encoder"]["name"], "encoder_input_size": cfg["encoder_input_size"],
+                          "inplane_mode": cfg["inplane_mode"], "slice_axis": cfg["slice_axis"],
+                          "unet": cfg.get("unet") or __import__("samunet.models.unet", fromlist=["x"]).unet_block(
+                              cfg["patch_size"])},
+        "nnunet_preprocess_wall_s": nn.preprocess_time() if nn else None,
+        "cells": {k: cells[k] for k in cells if k.split("_n")[0] in methods},
+        "crosscheck_predict": crosscheck,
+        "missing_cells": missing,
+        "notes": notes,
+    }
+    report["wall_s_this_invocation"] = round(time.time() - t_start, 1)
+    report["wall_s_cells_total"] = round(sum(c.get("cell_wall_s", 0) for c in report["cells"].values())
+                                         + (report["nnunet_preprocess_wall_s"] or 0), 1)
+    save_json(report, report_file)
+    (out_dir / f"{tag}.md").write_text(markdown(report))
+    plot(report, out_dir / f"{tag}.png")
+    log(f"wrote {report_file}, {tag}.md and {tag}.png")
+    print(markdown(report))
+
+
+def crosscheck_predict(a, methods, labeled, subsets, val, cells, ending, work) -> dict | None:
+    """Predict one head cell's validation cases with samunet_predict and compare with its final validation."""
+    heads = [m for m in methods if m in ("autosam", "cnn", "linear")]
+    if not heads:
+        return None
+    head, s = heads[0], labeled[-1]
+    inp = work / "crosscheck" / "input"
+    if inp.exists():
+        shutil.rmtree(inp)
+    inp.mkdir(parents=True)
+    for c in val:
+        for img in sorted((a.raw / "imagesTr").glob(f"{c}_[0-9][0-9][0-9][0-9]{ending}")):
+            os.symlink(img, inp / img.name)
+    out = work / "crosscheck" / f"{head}_n{s}"
+    cmd = console("samunet_predict") + ["-i", str(inp), "-o", str(out), "-d", str(a.dataset), "-c", "2d", "--head",
+                                        head, "-f", str(a.fold), "--disable_tta", "--continue_prediction",
+                                        "--device", a.device]
+    if s != "all":
+        cmd += ["--num_labeled_cases", s]
+    t = run(cmd, log_file=work / "logs" / "crosscheck.log")
+    r = evaluate(a.raw, out, val, ending, work / "eval" / f"crosscheck_{head}_n{s}.json")
+    ref = cells[f"{head}_n{s}"]["mean_foreground_dice"]
+    return {"cell": f"{head}_n{s}", "samunet_predict_dice": r["mean_foreground_dice"], "final_validation_dice": ref,
+            "abs_difference": abs(r["mean_foreground_dice"] - ref), "predict_wall_s": round(t, 1)}
+
+
+if __name__ == "__main__":
+    main()

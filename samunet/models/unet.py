@@ -1,0 +1,92 @@
+"""A 2D U-Net trained from scratch on the encoder inputs: the no-pretraining baseline for the frozen-encoder heads.
+
+    model = build_unet(plans_config["unet"], in_channels=3, num_classes=3)
+    logits = model(images)         # (B, in_channels, P, P)  ->  (B, num_classes, P, P)
+
+It is dynamic-network-architectures' ``PlainConvUNet`` configured the way nnU-Net configures its 2d U-Net, but
+for samunet's P x P encoder input (the resized slice or tile that the frozen encoder would see) instead of
+nnU-Net's own patch: the planner's ``unet`` block (``unet_block``) fixes stages, features and kernel sizes. The
+model reads images, not embeddings (``takes_images``), so no encoder is built or run for it; the input is the
+encoder input itself, i.e. ``n_enc x 3`` channels in [0, 1] (replicated grey channels stay replicated).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+UNET_MIN_FEATURE_MAP = 4    # nnU-Net: stop pooling an axis once halving it would go below 4 px
+UNET_BASE_FEATURES = 32
+UNET_MAX_FEATURES_2D = 512
+UNET_CONVS_PER_STAGE = 2
+UNET_KERNEL = 3
+
+
+def unet_block(patch_size) -> dict:
+    """nnU-Net's 2d topology rule for a ``patch_size`` input, with the reason written out."""
+    size = [int(s) for s in patch_size]
+    strides = [[1, 1]]
+    shapes = [list(size)]
+    while True:
+        step = [2 if s >= 2 * UNET_MIN_FEATURE_MAP and s % 2 == 0 else 1 for s in size]
+        if step == [1, 1]:
+            break
+        size = [s // k for s, k in zip(size, step)]
+        strides.append(step)
+        shapes.append(list(size))
+    n = len(strides)
+    features = [min(UNET_BASE_FEATURES * 2 ** i, UNET_MAX_FEATURES_2D) for i in range(n)]
+    return {
+        "n_stages": n,
+        "features_per_stage": features,
+        "strides": strides,
+        "kernel_sizes": [[UNET_KERNEL, UNET_KERNEL]] * n,
+        "n_conv_per_stage": [UNET_CONVS_PER_STAGE] * n,
+        "n_conv_per_stage_decoder": [UNET_CONVS_PER_STAGE] * (n - 1),
+        "feature_map_sizes": shapes,
+        "unet_reason": (f"nnU-Net's 2d rule for the {patch_size[0]}x{patch_size[1]} px input: halve each axis while "
+                        f"it stays >= {UNET_MIN_FEATURE_MAP} px ({' -> '.join(str(s[0]) for s in shapes)} px, "
+                        f"{n} stages), {UNET_BASE_FEATURES} features doubling per stage capped at "
+                        f"{UNET_MAX_FEATURES_2D}, {UNET_CONVS_PER_STAGE} convolutions of {UNET_KERNEL}x{UNET_KERNEL} "
+                        "per stage, instance norm and leaky ReLU; trained from scratch with SGD (Nesterov "
+                        "momentum 0.99, weight decay 3e-5, poly learning rate)"),
+    }
+
+
+class UNetModel(nn.Module):
+    """``PlainConvUNet`` taking ``(B, C, P, P)`` encoder-input images."""
+
+    takes_images = True
+
+    def __init__(self, architecture: dict, in_channels: int, num_classes: int):
+        super().__init__()
+        from dynamic_network_architectures.architectures.unet import PlainConvUNet
+        self.architecture = {k: v for k, v in architecture.items() if not k.endswith("reason")}
+        self.in_channels = int(in_channels)
+        self.num_classes = int(num_classes)
+        a = self.architecture
+        self.net = PlainConvUNet(
+            input_channels=self.in_channels, n_stages=a["n_stages"], features_per_stage=a["features_per_stage"],
+            conv_op=nn.Conv2d, kernel_sizes=a["kernel_sizes"], strides=a["strides"],
+            n_conv_per_stage=a["n_conv_per_stage"], num_classes=self.num_classes,
+            n_conv_per_stage_decoder=a["n_conv_per_stage_decoder"], conv_bias=True,
+            norm_op=nn.InstanceNorm2d, norm_op_kwargs={"eps": 1e-5, "affine": True},
+            nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True}, deep_supervision=False)
+        self.net.apply(_init_weights)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != self.in_channels:
+            raise ValueError(f"UNetModel expects images of shape (B, {self.in_channels}, P, P), "
+                             f"got {tuple(images.shape)}")
+        return self.net(images)
+
+
+def _init_weights(module: nn.Module) -> None:
+    # nnU-Net's InitWeights_He(1e-2): Kaiming-normal weights for leaky ReLU, zero biases
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.kaiming_normal_(module.weight, a=1e-2)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def build_unet(architecture: dict, in_channels: int, num_classes: int) -> UNetModel:
+    return UNetModel(architecture, in_channels, num_classes)

@@ -1,0 +1,96 @@
+"""The from-scratch 2D U-Net baseline (``--head unet``): nnU-Net's topology for samunet's encoder input, trained on
+augmented images through the normal training loop, predicted through the normal prediction path."""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import HIPPO, copy_dataset, hippo_cases
+
+
+def test_unet_block_follows_the_nnunet_rule_for_128_px():
+    from samunet.models.unet import build_unet, unet_block
+    b = unet_block([128, 128])
+    # halve while >= 8 px: 128 64 32 16 8 4 -> six stages, bottleneck 4x4
+    assert b["n_stages"] == 6
+    assert b["strides"] == [[1, 1]] + [[2, 2]] * 5
+    assert [s[0] for s in b["feature_map_sizes"]] == [128, 64, 32, 16, 8, 4]
+    assert b["features_per_stage"] == [32, 64, 128, 256, 512, 512]
+    assert b["kernel_sizes"] == [[3, 3]] * 6 and b["n_conv_per_stage"] == [2] * 6
+    assert b["n_conv_per_stage_decoder"] == [2] * 5
+    assert "nnU-Net" in b["unet_reason"]
+    # the rule, not a table: other inputs get other depths
+    assert unet_block([64, 64])["n_stages"] == 5 and unet_block([256, 256])["features_per_stage"][-2:] == [512, 512]
+    m = build_unet(b, 3, 3)
+    convs = [x for x in m.modules() if isinstance(x, torch.nn.Conv2d)]
+    norms = [x for x in m.modules() if isinstance(x, torch.nn.InstanceNorm2d)]
+    assert all(c.bias is not None for c in convs)
+    assert convs[0].in_channels == 3 and convs[0].out_channels == 32 and convs[0].kernel_size == (3, 3)
+    assert len(norms) == 2 * 6 + 2 * 5 and all(n.affine and n.eps == 1e-5 for n in norms)
+    assert any(isinstance(x, torch.nn.LeakyReLU) for x in m.modules())
+    with torch.no_grad():
+        assert m(torch.rand(2, 3, 128, 128)).shape == (2, 3, 128, 128)
+
+
+@pytest.fixture(scope="module")
+def unet_run(tmp_path_factory):
+    """8 real Hippocampus cases; a short from-scratch U-Net training of fold 0 (no encoder anywhere)."""
+    root = tmp_path_factory.mktemp("hippo_unet")
+    env = {k: str(root / k) for k in ("samunet_raw", "samunet_preprocessed", "samunet_results")}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    for v in env.values():
+        Path(v).mkdir()
+    copy_dataset(HIPPO, Path(env["samunet_raw"]), hippo_cases(8))
+    from samunet.plan_and_preprocess import plan_and_preprocess
+    from samunet.training.trainer import run_training
+    plan_and_preprocess(4, num_processes=2, configurations=["2d"])
+    t = run_training(4, "2d", 0, head="unet", epochs=4, iterations_per_epoch=5, batch_size=4, device="cpu")
+    yield t, root
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def test_unet_plans_and_short_training(unet_run):
+    t, root = unet_run
+    plans = json.loads((Path(os.environ["samunet_preprocessed"]) / "Dataset004_Hippocampus" /
+                        "samunetPlans.json").read_text())
+    cfg = plans["configurations"]["2d"]
+    assert cfg["initial_lr"]["unet"] == 1e-2 and cfg["unet"]["n_stages"] == 6
+    assert t.encoder is None and t.cache is None and not t.use_cache
+    assert isinstance(t.optimizer, torch.optim.SGD)
+    g = t.optimizer.param_groups[0]
+    assert g["momentum"] == 0.99 and g["nesterov"] and g["weight_decay"] == 3e-5
+    assert t.output.name == "fold_0" and t.output.parent.name == "samunetTrainer_unet__samunetPlans__2d"
+    log = t.log
+    assert len(log["train_loss"]) == 4
+    assert log["train_loss"][-1] < log["train_loss"][0] - 0.05, log["train_loss"]
+    assert (t.output / "checkpoint_final.pth").is_file()
+    summary = json.loads((t.output / "validation" / "summary.json").read_text())
+    assert sorted(summary["mean"]) == ["1", "2"]
+    debug = json.loads((t.output / "debug.json").read_text())
+    assert debug["head"] == "unet" and debug["use_cache"] is False and debug["initial_lr"] == 1e-2
+    assert not (Path(os.environ["samunet_preprocessed"]) / "Dataset004_Hippocampus" / "embeddings").exists() or \
+        not any((Path(os.environ["samunet_preprocessed"]) / "Dataset004_Hippocampus" / "embeddings").rglob("*.npy"))
+
+
+def test_unet_predicts_in_the_input_geometry_with_mirroring(unet_run, tmp_path):
+    from samunet.inference.predict import EnsemblePredictor
+    t, _ = unet_run
+    case = t.val_ids[0]
+    predictor = EnsemblePredictor(t.model_dir, folds=[0], device="cpu", tta=True)
+    assert predictor.encoder is None  # a U-Net-only ensemble never builds the encoder
+    img = HIPPO / "imagesTr" / f"{case}_0000.nii.gz"
+    out = tmp_path / f"{case}.nii.gz"
+    predictor.predict_case([img], out)
+    a, b = sitk.ReadImage(str(img)), sitk.ReadImage(str(out))
+    assert a.GetSize() == b.GetSize() and a.GetSpacing() == b.GetSpacing()
+    assert a.GetOrigin() == b.GetOrigin() and a.GetDirection() == b.GetDirection()
+    assert set(np.unique(sitk.GetArrayFromImage(b))) <= {0, 1, 2}
