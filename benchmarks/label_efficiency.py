@@ -68,10 +68,10 @@ class nnUNetTrainer_samunetBench(nnUNetTrainer):
             self.configuration_manager.configuration["batch_size"] = int(batch)
 '''
 
-QUICK = {"labeled": ["1", "5", "all"],
-         "heads": {"epochs": 4, "iterations": 10, "batch_size": 16},
-         "unet": {"epochs": 4, "iterations": 10, "batch_size": 16},
-         "nnunet": {"epochs": 4, "iterations": 10, "val_iterations": 2, "batch_size": 16}}
+QUICK = {"labeled": ["1", "5", "all"], "models": ["autosam", "cnn", "unet"],
+         "heads": {"epochs": 4, "iterations": 20, "batch_size": 16},
+         "unet": {"epochs": 4, "iterations": 20, "batch_size": 16},
+         "nnunet": {"epochs": 4, "iterations": 20, "val_iterations": 2, "batch_size": 16}}
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -400,8 +400,8 @@ def main(argv=None):
     p.add_argument("--labeled", nargs="+", default=None,
                    help="numbers of labelled training cases, 'all' for the whole fold (default 1 2 5 10 all; "
                         "--quick: 1 5 all)")
-    p.add_argument("--heads", nargs="*", default=list(SAMUNET_HEADS), choices=SAMUNET_HEADS,
-                   help="samunet models (default: autosam cnn linear unet)")
+    p.add_argument("--heads", nargs="*", default=None, choices=SAMUNET_HEADS,
+                   help="samunet models (default: autosam cnn linear unet; --quick: autosam cnn unet)")
     p.add_argument("--no_nnunet", action="store_true", help="leave nnU-Net out")
     p.add_argument("--quick", action="store_true", help="small CPU budget (see QUICK); results get a _quick suffix")
     p.add_argument("--epochs", type=int, default=None, help="heads and U-Net: epochs (default: plans; quick 4)")
@@ -447,6 +447,8 @@ def main(argv=None):
             raise SystemExit(f"--labeled takes positive numbers or 'all', got {s}")
     subsets = {s: labeled_subset(train, None if s == "all" else int(s), a.fold, SPLIT_SEED) for s in labeled}
 
+    if a.heads is None:
+        a.heads = list(QUICK["models"]) if a.quick else list(SAMUNET_HEADS)
     if a.quick:
         heads_b = dict(QUICK["heads"])
         unet_b = dict(QUICK["unet"])
