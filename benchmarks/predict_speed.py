@@ -94,6 +94,7 @@ def main(argv=None) -> None:
     p.add_argument("--dataset", default="4", help="raw data set id or folder name (default 4, Hippocampus)")
     p.add_argument("--num_cases", type=int, default=10, help="held-out cases to predict (default 10)")
     p.add_argument("--nnunet_model", default=None, help="trained nnU-Net model folder (TRAINER__PLANS__CONFIG)")
+    p.add_argument("--nnunet_folds", nargs="+", default=None, help="nnU-Net folds to use (default: every trained fold)")
     p.add_argument("--skip_nnunet", action="store_true")
     p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
@@ -135,7 +136,7 @@ def main(argv=None) -> None:
             settings += [("samunet", f"{len(folds)} folds", folds, tta) for tta in (False, True)]
         nn_folds = []
         if nn_model is not None:
-            nn_folds = sorted(q.parent.name[5:] for q in nn_model.glob("fold_*/checkpoint_final.pth"))
+            nn_folds = a.nnunet_folds or sorted(q.parent.name[5:] for q in nn_model.glob("fold_*/checkpoint_final.pth"))
             settings += [("nnU-Net", f"{len(nn_folds)} fold{'s' if len(nn_folds) > 1 else ''}", nn_folds, tta)
                          for tta in (False, True)]
         for tool, label, fset, tta in settings:
