@@ -131,9 +131,14 @@ def main(argv=None) -> None:
                     shutil.copy(src, inp_one)
             shutil.copy(raw / "labelsTr" / f"{c}{ending}", gt)
         env = os.environ.copy()
-        settings = [("samunet", "1 fold", ["0"] if "0" in folds else folds[:1], tta) for tta in (False, True)]
+        # mirroring TTA applies only to models trained with mirroring augmentation (not heads on cached embeddings)
+        from samunet.training.checkpoint import load_checkpoint
+        state = load_checkpoint(model_dir / f"fold_{folds[0]}" / "checkpoint_final.pth")
+        mirrored = bool(state.get("mirroring_axes", [] if state.get("use_cache", True) else [0, 1]))
+        tta_options = (False, True) if mirrored else (False,)
+        settings = [("samunet", "1 fold", ["0"] if "0" in folds else folds[:1], tta) for tta in tta_options]
         if len(folds) > 1:
-            settings += [("samunet", f"{len(folds)} folds", folds, tta) for tta in (False, True)]
+            settings += [("samunet", f"{len(folds)} folds", folds, tta) for tta in tta_options]
         nn_folds = []
         if nn_model is not None:
             nn_folds = a.nnunet_folds or sorted(q.parent.name[5:] for q in nn_model.glob("fold_*/checkpoint_final.pth"))
@@ -178,6 +183,7 @@ def main(argv=None) -> None:
               "commit": _git_commit(), "command": "python benchmarks/predict_speed.py " + " ".join(
                   _display_path(Path(x)) if os.sep in x else x for x in (argv if argv is not None else sys.argv[1:])),
               "device": a.device, "dataset": raw.name, "model": model_dir.name, "folds": folds, "cases": cases,
+              "samunet_mirroring_tta": mirrored,
               "nnunet": {"model": nn_model.name if nn_model else None, "folds": nn_folds, "note": nn_reason,
                          "version": _nnunet_version(nn_predict) if nn_model else None},
               "rows": rows}
@@ -206,6 +212,10 @@ def _markdown(r: dict) -> str:
     lines += ["", "Marginal s/case = (time for all cases - time for one case) / (cases - 1); start-up (imports, "
                   "model loading) is in the other column. Peak memory is the process's maximum resident set size.",
               "TTA is in-plane mirroring (4 views). The encoder runs once per slice and view for all folds."]
+    if not r["samunet_mirroring_tta"]:
+        lines.append("The samunet model's heads were trained on cached embeddings without mirroring augmentation, so "
+                     "samunet_predict does not mirror them (mirrored views swap anterior and posterior); it has no "
+                     "TTA rows.")
     if nn["model"]:
         lines.append(f"nnU-Net v2 {nn['version']}: model `{nn['model']}` ({nn['note']}), folds "
                      f"{', '.join(nn['folds'])}, default worker settings, `-device cpu`. Its Dice is on the same "

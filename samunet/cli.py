@@ -184,7 +184,9 @@ def _add_predict_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", required=True, help="output folder")
     p.add_argument("-f", nargs="+", default=None, help="folds to ensemble (default: every trained fold)")
     p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default checkpoint_final.pth)")
-    p.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation (4x faster)")
+    p.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation (4x faster); it is applied only to models "
+                                                             "trained with mirroring augmentation (not heads trained "
+                                                             "on cached embeddings)")
     p.add_argument("--save_probabilities", action="store_true", help="also write CASE.npz with probabilities")
     p.add_argument("--continue_prediction", action="store_true", help="skip cases whose output already exists")
     p.add_argument("-npp", type=int, default=1, help="accepted for nnU-Net compatibility; prediction runs in-process")

@@ -168,6 +168,19 @@ def test_predict_matches_validation_and_keeps_geometry(trained, hippo_env, tmp_p
     validated = json.loads((t.output / "validation" / "summary.json").read_text())["foreground_mean"]["Dice"]
     # validation used float16 cached embeddings, prediction recomputes them: the same up to rounding
     assert abs(predicted - validated) < 0.01, (predicted, validated)
+    # a head trained on cached embeddings never saw mirrored slices: mirroring TTA is not applied to it (it would
+    # swap anterior and posterior), so the default prediction gives the same labels, with a warning
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(inp / f"{t.val_ids[0]}_0000.nii.gz", one)
+    r = subprocess.run(PREDICT + ["-i", str(one), "-o", str(tmp_path / "out_tta"), "-d", "4", "-c", "2d", "-f", "0",
+                                  "--num_labeled_cases", "4"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "mirroring test-time augmentation is not applied" in r.stderr
+    assert json.loads((tmp_path / "out_tta" / "predict_from_raw_data_args.json").read_text())["tta_applied"] is False
+    name = f"{t.val_ids[0]}.nii.gz"
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out_tta" / name))),
+                          sitk.GetArrayFromImage(sitk.ReadImage(str(out / name))))
 
 
 def test_predict_bad_inputs_are_named_and_others_still_predicted(trained, hippo_env, tmp_path):

@@ -87,6 +87,7 @@ def test_unet_predicts_in_the_input_geometry_with_mirroring(unet_run, tmp_path):
     case = t.val_ids[0]
     predictor = EnsemblePredictor(t.model_dir, folds=[0], device="cpu", tta=True)
     assert predictor.encoder is None  # a U-Net-only ensemble never builds the encoder
+    assert predictor.tta is True  # trained with mirroring augmentation, so mirroring TTA is applied
     img = HIPPO / "imagesTr" / f"{case}_0000.nii.gz"
     out = tmp_path / f"{case}.nii.gz"
     predictor.predict_case([img], out)

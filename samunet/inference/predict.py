@@ -59,6 +59,15 @@ class EnsemblePredictor:
                 raise SamunetError(f"{self.model_dir}: fold {f} has no {checkpoint} (available folds with it: "
                                    f"{', '.join(available) or 'none'})")
         states = {f: load_checkpoint(self.model_dir / f"fold_{f}" / checkpoint) for f in self.folds}
+        # mirroring test-time augmentation only where every fold was trained with mirroring augmentation (as
+        # nnU-Net allows only its training's mirror axes): heads trained on cached embeddings never saw mirrored
+        # inputs, and averaging in mirrored views swaps orientation-dependent labels (Hippocampus anterior/posterior)
+        unmirrored = [f for f, s in states.items()
+                      if not s.get("mirroring_axes", [] if s.get("use_cache", True) else [0, 1])]
+        if self.tta and unmirrored:
+            logger.warning("mirroring test-time augmentation is not applied: fold(s) %s were trained on cached "
+                           "embeddings without mirroring augmentation", ", ".join(unmirrored))
+            self.tta = False
         # the from-scratch U-Net reads images: no encoder is built when every fold is one
         needs_encoder = any(s.get("head") not in IMAGE_MODELS for s in states.values())
         self.encoder = build_encoder_for_plans(self.plans, self.config, self.device) if needs_encoder else None
@@ -110,7 +119,8 @@ def predict_folder(input_folder, output_folder, model_dir, folds=None, checkpoin
     save_json(predictor.plans, output_folder / "plans.json")
     save_json(predictor.dataset_json, output_folder / "dataset.json")
     save_json({"input_folder": str(input_folder), "model_folder": str(predictor.model_dir), "folds": predictor.folds,
-               "checkpoint": checkpoint, "tta": tta, "save_probabilities": save_probabilities,
+               "checkpoint": checkpoint, "tta": tta, "tta_applied": predictor.tta,
+               "save_probabilities": save_probabilities,
                "device": str(predictor.device)}, output_folder / "predict_from_raw_data_args.json")
     n_channels = len(predictor.plans["channel_names"])
     failed, done, skipped = {}, [], []

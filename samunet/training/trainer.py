@@ -180,7 +180,10 @@ class Trainer:
                 "scaler_state": self.scaler.state_dict(), "epoch": self.epoch, "num_epochs": self.num_epochs,
                 "iterations_per_epoch": self.iterations, "batch_size": self.batch_size, "seed": self.seed,
                 "log": self.log, "best_ema": self.best_ema, "train_cases": self.train_ids,
-                "use_cache": bool(self.use_cache)}
+                "use_cache": bool(self.use_cache),
+                # in-plane axes mirrored by the training augmentation (none on cached embeddings): prediction
+                # mirrors only along these, since a model never shown mirrored inputs may swap left/right labels
+                "mirroring_axes": [] if self.use_cache else [0, 1]}
 
     def save(self, name: str) -> None:
         save_checkpoint(self._state(), self.output / name)
