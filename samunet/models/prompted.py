@@ -50,6 +50,21 @@ class PromptedSegmenter(nn.Module):
                 return t.shape[0]
         raise ValueError("give images or embeddings")
 
+    def _prompt_tensors(self, n: int, name: str, device, point_coords, point_labels, boxes, mask_input):
+        """Prompts of ``n`` items as tensors on ``device`` in the shapes the prompt encoder takes; ``name`` is the
+        batch axis as the caller's error messages call it."""
+        if point_coords is not None:
+            point_coords = torch.as_tensor(point_coords, dtype=torch.float32, device=device).reshape(n, -1, 2)
+            point_labels = torch.as_tensor(point_labels, device=device).reshape(n, -1).to(torch.int64)
+        if boxes is not None:
+            boxes = torch.as_tensor(boxes, dtype=torch.float32, device=device).reshape(n, 4)
+        if mask_input is not None:
+            mask_input = torch.as_tensor(mask_input, dtype=torch.float32, device=device)
+            if tuple(mask_input.shape) != (n, 1, self.low_res_size, self.low_res_size):
+                raise ValueError(f"mask_input must be ({name}, 1, {self.low_res_size}, {self.low_res_size}), "
+                                 f"got {tuple(mask_input.shape)}")
+        return point_coords, point_labels, boxes, mask_input
+
     @torch.no_grad()
     def forward(self, embeddings: torch.Tensor | None = None, images: torch.Tensor | None = None,
                 point_coords: torch.Tensor | None = None, point_labels: torch.Tensor | None = None,
@@ -67,18 +82,9 @@ class PromptedSegmenter(nn.Module):
             raise ValueError("give at least one prompt: points, a box or a mask")
         if (point_coords is None) != (point_labels is None):
             raise ValueError("point_coords and point_labels go together")
-        device = embeddings.device
         b = embeddings.shape[0]
-        if point_coords is not None:
-            point_coords = torch.as_tensor(point_coords, dtype=torch.float32, device=device).reshape(b, -1, 2)
-            point_labels = torch.as_tensor(point_labels, device=device).reshape(b, -1).to(torch.int64)
-        if boxes is not None:
-            boxes = torch.as_tensor(boxes, dtype=torch.float32, device=device).reshape(b, 4)
-        if mask_input is not None:
-            mask_input = torch.as_tensor(mask_input, dtype=torch.float32, device=device)
-            if tuple(mask_input.shape) != (b, 1, self.low_res_size, self.low_res_size):
-                raise ValueError(f"mask_input must be (B, 1, {self.low_res_size}, {self.low_res_size}), "
-                                 f"got {tuple(mask_input.shape)}")
+        point_coords, point_labels, boxes, mask_input = self._prompt_tensors(
+            b, "B", embeddings.device, point_coords, point_labels, boxes, mask_input)
         image_pe = self.prompt_encoder.get_dense_pe()
         low_res, ious = [], []
         # one image at a time: segment_anything's decoder pairs one image with all prompts of that image
@@ -123,18 +129,9 @@ class PromptedSegmenter(nn.Module):
         return PromptedOutput(masks=torch.cat(masks), iou=torch.cat(ious), low_res=torch.cat(lows))
 
     def _decode_shared(self, embedding, m, point_coords, point_labels, boxes, mask_input, multimask_output):
-        device = embedding.device
-        points = None
-        if point_coords is not None:
-            points = (torch.as_tensor(point_coords, dtype=torch.float32, device=device).reshape(m, -1, 2),
-                      torch.as_tensor(point_labels, device=device).reshape(m, -1).to(torch.int64))
-        if boxes is not None:
-            boxes = torch.as_tensor(boxes, dtype=torch.float32, device=device).reshape(m, 4)
-        if mask_input is not None:
-            mask_input = torch.as_tensor(mask_input, dtype=torch.float32, device=device)
-            if tuple(mask_input.shape) != (m, 1, self.low_res_size, self.low_res_size):
-                raise ValueError(f"mask_input must be (N, 1, {self.low_res_size}, {self.low_res_size}), "
-                                 f"got {tuple(mask_input.shape)}")
+        point_coords, point_labels, boxes, mask_input = self._prompt_tensors(
+            m, "N", embedding.device, point_coords, point_labels, boxes, mask_input)
+        points = None if point_coords is None else (point_coords, point_labels)
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
         low, iou = self.mask_decoder(image_embeddings=embedding, image_pe=self.prompt_encoder.get_dense_pe(),
                                      sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
