@@ -6,7 +6,7 @@ import logging
 import sys
 from functools import wraps
 
-from samunet.models.specs import ENCODER_SPECS
+from samunet.models.specs import ENCODER_SPECS, HEADS
 from samunet.utils import SamunetError
 
 
@@ -61,7 +61,7 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
                    help="disk budget for the frozen-encoder embedding cache in GB (default 50)")
     p.add_argument("--input_size", type=int, default=None,
                    help="encoder input size in pixels (default: chosen from the slice size)")
-    p.add_argument("--head", default=None, choices=["autosam", "cnn", "linear", "unet"],
+    p.add_argument("--head", default=None, choices=HEADS,
                    help="default head for training (default: chosen by the planner)")
 
 
@@ -153,7 +153,7 @@ def train_entry(argv=None):
     p.add_argument("dataset", help="data set id or name")
     p.add_argument("configuration", help="2d or 2.5d")
     p.add_argument("fold", help="0-4, or 'all' to train on every case")
-    p.add_argument("--head", default=None, choices=["autosam", "cnn", "linear", "unet"],
+    p.add_argument("--head", default=None, choices=HEADS,
                    help="head to train (default: the one the plans chose); unet trains nnU-Net's 2D U-Net from "
                         "scratch on the images instead, the no-pretraining baseline")
     p.add_argument("--epochs", type=int, default=None, help="number of epochs (default: set by the plans)")
@@ -207,7 +207,7 @@ def predict_entry(argv=None):
     _add_predict_options(p)
     p.add_argument("-d", required=True, help="data set id or name")
     p.add_argument("-c", required=True, help="configuration (2d or 2.5d)")
-    p.add_argument("--head", default=None, choices=["autosam", "cnn", "linear", "unet"],
+    p.add_argument("--head", default=None, choices=HEADS,
                    help="head whose models to use (default: the plans' head)")
     p.add_argument("-p", default="samunetPlans", help="plans name")
     p.add_argument("--num_labeled_cases", type=int, default=None,

@@ -81,3 +81,7 @@ def get_encoder_spec(name: str) -> EncoderSpec:
         return ENCODER_SPECS[name]
     except KeyError:
         raise ValueError(f"unknown encoder '{name}'; known encoders: {', '.join(sorted(ENCODER_SPECS))}") from None
+
+
+# trainable models: heads on the frozen encoder, and the U-Net trained from scratch on the encoder inputs
+HEADS = ("autosam", "cnn", "linear", "unet")
