@@ -1,4 +1,6 @@
+import contextlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -51,3 +53,25 @@ def hippo_cases(n: int) -> list[str]:
 
 def tree_snapshot(folder: Path) -> dict:
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@contextlib.contextmanager
+def planned_hippocampus(root: Path, n_cases: int):
+    """The first ``n_cases`` real Hippocampus cases planned and preprocessed (2d) in fresh samunet folders under
+    ``root``, with the three environment variables pointing there until the block ends."""
+    env = {k: str(root / k) for k in ("samunet_raw", "samunet_preprocessed", "samunet_results")}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        for v in env.values():
+            Path(v).mkdir()
+        copy_dataset(HIPPO, Path(env["samunet_raw"]), hippo_cases(n_cases))
+        from samunet.plan_and_preprocess import plan_and_preprocess
+        plan_and_preprocess(4, num_processes=2, configurations=["2d"])
+        yield root
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

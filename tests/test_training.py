@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import HIPPO, copy_dataset, hippo_cases
+from conftest import HIPPO, planned_hippocampus
 from samunet.utils import SamunetError
 
 NAME = "Dataset004_Hippocampus"
@@ -25,21 +25,8 @@ EVALUATE = [sys.executable, "-c", "from samunet.evaluation.cli import evaluate_f
 @pytest.fixture(scope="module")
 def hippo_env(tmp_path_factory):
     """20 real cases planned and preprocessed; fold 0 validates on 4 of them."""
-    root = tmp_path_factory.mktemp("hippo_train")
-    env = {k: str(root / k) for k in ("samunet_raw", "samunet_preprocessed", "samunet_results")}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    for v in env.values():
-        Path(v).mkdir()
-    copy_dataset(HIPPO, Path(env["samunet_raw"]), hippo_cases(20))
-    from samunet.plan_and_preprocess import plan_and_preprocess
-    plan_and_preprocess(4, num_processes=2, configurations=["2d"])
-    yield root
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with planned_hippocampus(tmp_path_factory.mktemp("hippo_train"), 20) as root:
+        yield root
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +65,17 @@ def test_encoder_weights_never_change_during_training(trained):
     fresh = build_encoder("lite_medsam", input_size=t.config["encoder_input_size"], optimise=True)
     for (k, a), (_, b) in zip(fresh.state_dict().items(), t.encoder.state_dict().items()):
         assert np.array_equal(a.numpy(), b.numpy()), k
+
+
+def _evaluate_cli(cases, pred: Path, gt: Path) -> float:
+    """samunet_evaluate_folder on ``pred`` against the raw labels of ``cases`` (copied to ``gt``): foreground Dice."""
+    gt.mkdir()
+    for c in cases:
+        shutil.copy(HIPPO / "labelsTr" / f"{c}.nii.gz", gt)
+    r = subprocess.run(EVALUATE + [str(gt), str(pred), "-djfile", str(HIPPO / "dataset.json")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return json.loads((pred / "summary.json").read_text())["foreground_mean"]["Dice"]
 
 
 def _train_cli(*args, **kw):
@@ -157,14 +155,7 @@ def test_predict_matches_validation_and_keeps_geometry(trained, hippo_env, tmp_p
         assert a.GetOrigin() == b.GetOrigin() and a.GetDirection() == b.GetDirection()
     for f in ("plans.json", "dataset.json", "predict_from_raw_data_args.json"):
         assert (out / f).is_file()
-    gt = tmp_path / "gt"
-    gt.mkdir()
-    for c in t.val_ids:
-        shutil.copy(HIPPO / "labelsTr" / f"{c}.nii.gz", gt)
-    r = subprocess.run(EVALUATE + [str(gt), str(out), "-djfile", str(HIPPO / "dataset.json")],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    predicted = json.loads((out / "summary.json").read_text())["foreground_mean"]["Dice"]
+    predicted = _evaluate_cli(t.val_ids, out, tmp_path / "gt")
     validated = json.loads((t.output / "validation" / "summary.json").read_text())["foreground_mean"]["Dice"]
     # validation used float16 cached embeddings, prediction recomputes them: the same up to rounding
     assert abs(predicted - validated) < 0.01, (predicted, validated)
@@ -287,14 +278,7 @@ def test_find_best_configuration_ensembles_postprocesses_and_its_instructions_wo
     r = subprocess.run(["bash", "-euc", script], capture_output=True, text=True, env=os.environ.copy())
     assert r.returncode == 0, r.stderr
     final = tmp_path / ("final_PP" if kept else "final")
-    gt = tmp_path / "gt"
-    gt.mkdir()
-    for c in t.val_ids:
-        shutil.copy(HIPPO / "labelsTr" / f"{c}.nii.gz", gt)
-    r = subprocess.run(EVALUATE + [str(gt), str(final), "-djfile", str(HIPPO / "dataset.json")],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    dice = json.loads((final / "summary.json").read_text())["foreground_mean"]["Dice"]
+    dice = _evaluate_cli(t.val_ids, final, tmp_path / "gt")
     assert dice == pytest.approx(info["foreground_dice_after_postprocessing"], abs=0.01)
 
 

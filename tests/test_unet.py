@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import HIPPO, copy_dataset, hippo_cases
+from conftest import HIPPO, planned_hippocampus
 
 
 def test_unet_block_follows_the_nnunet_rule_for_128_px():
@@ -39,23 +39,10 @@ def test_unet_block_follows_the_nnunet_rule_for_128_px():
 @pytest.fixture(scope="module")
 def unet_run(tmp_path_factory):
     """8 real Hippocampus cases; a short from-scratch U-Net training of fold 0 (no encoder anywhere)."""
-    root = tmp_path_factory.mktemp("hippo_unet")
-    env = {k: str(root / k) for k in ("samunet_raw", "samunet_preprocessed", "samunet_results")}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    for v in env.values():
-        Path(v).mkdir()
-    copy_dataset(HIPPO, Path(env["samunet_raw"]), hippo_cases(8))
-    from samunet.plan_and_preprocess import plan_and_preprocess
     from samunet.training.trainer import run_training
-    plan_and_preprocess(4, num_processes=2, configurations=["2d"])
-    t = run_training(4, "2d", 0, head="unet", epochs=4, iterations_per_epoch=5, batch_size=4, device="cpu")
-    yield t, root
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with planned_hippocampus(tmp_path_factory.mktemp("hippo_unet"), 8) as root:
+        t = run_training(4, "2d", 0, head="unet", epochs=4, iterations_per_epoch=5, batch_size=4, device="cpu")
+        yield t, root
 
 
 def test_unet_plans_and_short_training(unet_run):
