@@ -281,6 +281,7 @@ class NnUNet:
                                        and predictions_complete(out / "validation", val, ending)):
             log(f"nnunet n={n}: not finished; left out of the report (--report_only)")
             return None
+        if not (out / "checkpoint_final.pth").is_file():
             resume = (out / "checkpoint_latest.pth").is_file()
             cell["wall_s"] += run(cmd + (["--c"] if resume else []), env=self.env, log_file=logf)
         elif not predictions_complete(out / "validation", val, ending):
@@ -426,6 +427,7 @@ def main(argv=None):
     p.add_argument("--out", default=str(HERE / "results"))
     a = p.parse_args(argv)
     t_start = time.time()
+    load_start = os.getloadavg()[0]
 
     for var in ("samunet_raw", "samunet_preprocessed", "samunet_results"):
         if not os.environ.get(var):
@@ -525,7 +527,10 @@ def main(argv=None):
         f"({cfg['encoder_input_size']} px, the resized slice), nnU-Net's SGD and poly schedule and samunet's "
         "Dice + cross-entropy loss without deep supervision; nnU-Net itself works on its own patch at the native "
         "resolution, with its own plans (its own slice axis, patch size and normalisation).",
-        "Training times are wall-clock times on a shared machine; other jobs ran at the same time, so they vary.",
+        "Training times are wall-clock times; they depend on what else the machine runs: the 1-minute load average "
+        f"was {load_start:.1f} when this invocation started and {os.getloadavg()[0]:.1f} when it ended "
+        f"({os.cpu_count()} cores). The heads' times leave out building the embedding cache of the frozen encoder, "
+        "which is paid once per data set at preprocessing.",
     ]
     if a.quick:
         notes.append("Quick budget: every method gets the same few training samples and is far from converged, "
