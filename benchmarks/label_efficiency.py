@@ -354,7 +354,7 @@ def markdown(report: dict) -> str:
                     "validation iterations per epoch), its own 2d plans, preprocessing and augmentation")
     text += ["", "Notes:", *[f"- {n}" for n in report["notes"]], "",
              f"Command: `{report['command']}`", "",
-             f"Machine: {report['machine']}; date {report['date']}; wall time of this invocation "
+             f"Machine: {report['machine']}; date {report['date']}; wall time of the training invocation "
              f"{fmt_time(report['wall_s_this_invocation'])}; sum of per-cell wall times recorded by the script "
              f"{fmt_time(report['wall_s_cells_total'])}."]
     return "\n".join(text) + "\n"
@@ -368,15 +368,20 @@ def plot(report: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     n_train = report["settings"]["num_train_cases_by_setting"]
     styles = {"autosam": "o-", "cnn": "s-", "linear": "^-", "unet": "x--", "nnunet": "d--"}
-    for m in report["settings"]["methods"]:
-        xs, ys = [], []
+    methods = report["settings"]["methods"]
+    for i, m in enumerate(methods):
+        xs, ys, times = [], [], []
         for s in report["settings"]["labeled"]:
             c = report["cells"].get(f"{m}_n{s}")
             if c is not None:
                 xs.append(n_train[s])
                 ys.append(c["mean_foreground_dice"])
+                times.append(c.get("training_time_s"))
         if xs:
-            ax.plot(xs, ys, styles.get(m, "o-"), label=LABELS.get(m, m))
+            line, = ax.plot(xs, ys, styles.get(m, "o-"), label=LABELS.get(m, m))
+            for x, y, t in zip(xs, ys, times):  # training time of each cell, stacked so equal Dice stays legible
+                ax.annotate(fmt_time(t), (x, y), xytext=(4, 4 + 9 * i), textcoords="offset points", fontsize=6,
+                            color=line.get_color())
     ax.set_xscale("log")
     ticks = sorted({n_train[s] for s in report["settings"]["labeled"]})
     ax.set_xticks(ticks)
@@ -384,10 +389,11 @@ def plot(report: dict, path: Path) -> None:
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("labelled training cases")
     ax.set_ylabel("mean foreground Dice (validation)")
+    ax.text(0.01, 0.99, "labels: training time of each cell", transform=ax.transAxes, fontsize=7, va="top")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.set_title(f"{report['dataset']} fold {report['fold']}{' (quick budget)' if report['quick'] else ''}")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -509,6 +515,12 @@ def main(argv=None):
             cells[key] = cell
             log(f"{key}: mean foreground Dice {cells[key]['mean_foreground_dice']:.4f}")
 
+    # --report_only keeps the figures of the invocation that trained (its date, wall time and machine load)
+    keep = a.report_only and "run" in old
+    run_info = old["run"] if keep else {
+        "date": run_info["date"], "run": run_info,
+        "wall_s": round(time.time() - t_start, 1), "load_avg_1min": [load_start, os.getloadavg()[0]]}
+    load = run_info["load_avg_1min"]
     crosscheck = old.get("crosscheck_predict")
     if a.crosscheck_predict:
         crosscheck = crosscheck_predict(a, methods, labeled, subsets, val, cells, ending, work)
@@ -528,7 +540,7 @@ def main(argv=None):
         "Dice + cross-entropy loss without deep supervision; nnU-Net itself works on its own patch at the native "
         "resolution, with its own plans (its own slice axis, patch size and normalisation).",
         "Training times are wall-clock times; they depend on what else the machine runs: the 1-minute load average "
-        f"was {load_start:.1f} when this invocation started and {os.getloadavg()[0]:.1f} when it ended "
+        f"was {load[0]:.1f} when the training run started and {load[1]:.1f} when it ended "
         f"({os.cpu_count()} cores). The heads' times leave out building the embedding cache of the frozen encoder, "
         "which is paid once per data set at preprocessing.",
     ]
@@ -544,7 +556,7 @@ def main(argv=None):
         "dataset": a.dataset_name, "fold": a.fold, "quick": a.quick,
         "command": "python benchmarks/label_efficiency.py " + " ".join(
             x for x in (sys.argv[1:] if argv is None else argv) if x != "--report_only"),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": run_info["date"], "run": run_info,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, device {a.device}",
         "num_train_cases_fold": len(train), "num_val_cases": len(val), "val_cases": val,
         "class_names": class_names,
@@ -562,7 +574,7 @@ def main(argv=None):
         "missing_cells": missing,
         "notes": notes,
     }
-    report["wall_s_this_invocation"] = round(time.time() - t_start, 1)
+    report["wall_s_this_invocation"] = run_info["wall_s"]
     report["wall_s_cells_total"] = round(sum(c.get("cell_wall_s", 0) for c in report["cells"].values())
                                          + (report["nnunet_preprocess_wall_s"] or 0), 1)
     save_json(report, report_file)
