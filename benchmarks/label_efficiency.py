@@ -342,12 +342,14 @@ def markdown(report: dict) -> str:
             f"({' / '.join(classes)}), then training time. Every cell is evaluated with `samunet_evaluate_folder` "
             "against the raw `labelsTr`.",
             "", *lines, "",
-            "Budgets (epochs x iterations x batch):",
-            f"- heads: {b['heads']['epochs']} x {b['heads']['iterations']} x {b['heads']['batch_size']} on cached "
-            "embeddings of the frozen encoder",
-            f"- U-Net from scratch: {b['unet']['epochs']} x {b['unet']['iterations']} x {b['unet']['batch_size']} on "
-            "augmented encoder-input images (same sampling and loop as the heads)",
-            ]
+            "Budgets (epochs x iterations x batch):"]
+    methods = report["settings"]["methods"]
+    if any(m in ("autosam", "cnn", "linear") for m in methods):
+        text.append(f"- heads: {b['heads']['epochs']} x {b['heads']['iterations']} x {b['heads']['batch_size']} on "
+                    "cached embeddings of the frozen encoder")
+    if "unet" in methods:
+        text.append(f"- U-Net from scratch: {b['unet']['epochs']} x {b['unet']['iterations']} x "
+                    f"{b['unet']['batch_size']} on augmented encoder-input images (same sampling and loop as the heads)")
     if "nnunet" in b:
         text.append(f"- nnU-Net: {b['nnunet']['epochs']} x {b['nnunet']['iterations']} x "
                     f"{b['nnunet']['batch_size'] or 'plan'} ({NNUNET_TRAINER}, {b['nnunet']['val_iterations']} "
@@ -392,7 +394,13 @@ def plot(report: dict, path: Path) -> None:
     ax.text(0.01, 0.99, "labels: training time of each cell", transform=ax.transAxes, fontsize=7, va="top")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.set_title(f"{report['dataset']} fold {report['fold']}{' (quick budget)' if report['quick'] else ''}")
+    budgets = {(b["epochs"], b["iterations"], b["batch_size"]) for k, b in report["budgets"].items()
+               if k == "nnunet" and "nnunet" in report["settings"]["methods"]
+               or k == "unet" and "unet" in report["settings"]["methods"]
+               or k == "heads" and any(m in ("autosam", "cnn", "linear") for m in report["settings"]["methods"])}
+    same = f"{'x'.join(str(v) for v in budgets.pop())} for every method" if len(budgets) == 1 else ""
+    detail = ", ".join(x for x in ("quick budget" if report["quick"] else "", same) if x)
+    ax.set_title(f"{report['dataset']} fold {report['fold']}" + (f" ({detail})" if detail else ""), fontsize=10)
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -518,7 +526,7 @@ def main(argv=None):
     # --report_only keeps the figures of the invocation that trained (its date, wall time and machine load)
     keep = a.report_only and "run" in old
     run_info = old["run"] if keep else {
-        "date": run_info["date"], "run": run_info,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "wall_s": round(time.time() - t_start, 1), "load_avg_1min": [load_start, os.getloadavg()[0]]}
     load = run_info["load_avg_1min"]
     crosscheck = old.get("crosscheck_predict")
@@ -535,15 +543,17 @@ def main(argv=None):
         "geometry, same `predict_preprocessed` code as `samunet_predict`, no mirroring; heads read the cached "
         "embeddings instead of re-encoding every slice). nnU-Net is scored on its own final validation "
         "(with its default mirroring).",
-        "The U-Net from scratch uses nnU-Net's 2d topology rule for samunet's encoder input "
-        f"({cfg['encoder_input_size']} px, the resized slice), nnU-Net's SGD and poly schedule and samunet's "
-        "Dice + cross-entropy loss without deep supervision; nnU-Net itself works on its own patch at the native "
-        "resolution, with its own plans (its own slice axis, patch size and normalisation).",
         "Training times are wall-clock times; they depend on what else the machine runs: the 1-minute load average "
         f"was {load[0]:.1f} when the training run started and {load[1]:.1f} when it ended "
         f"({os.cpu_count()} cores). The heads' times leave out building the embedding cache of the frozen encoder, "
         "which is paid once per data set at preprocessing.",
     ]
+    if "unet" in methods:
+        notes.insert(2, "The U-Net from scratch uses nnU-Net's 2d topology rule for samunet's encoder input "
+                        f"({cfg['encoder_input_size']} px, the resized slice), nnU-Net's SGD and poly schedule and "
+                        "samunet's Dice + cross-entropy loss without deep supervision; nnU-Net itself works on its "
+                        "own patch at the native resolution, with its own plans (its own slice axis, patch size and "
+                        "normalisation).")
     if a.quick:
         notes.append("Quick budget: every method gets the same few training samples and is far from converged, "
                      "the networks trained from scratch most of all. The quick numbers compare what that budget buys, "
