@@ -367,23 +367,30 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
     n_train = report["settings"]["num_train_cases_by_setting"]
     styles = {"autosam": "o-", "cnn": "s-", "linear": "^-", "unet": "x--", "nnunet": "d--"}
-    methods = report["settings"]["methods"]
-    for i, m in enumerate(methods):
-        xs, ys, times = [], [], []
+    labels = {}  # x -> [(Dice, text, colour)]: the training time of each cell, placed after all lines are drawn
+    for m in report["settings"]["methods"]:
+        xs, ys = [], []
         for s in report["settings"]["labeled"]:
             c = report["cells"].get(f"{m}_n{s}")
             if c is not None:
                 xs.append(n_train[s])
                 ys.append(c["mean_foreground_dice"])
-                times.append(c.get("training_time_s"))
         if xs:
             line, = ax.plot(xs, ys, styles.get(m, "o-"), label=LABELS.get(m, m))
-            for x, y, t in zip(xs, ys, times):  # training time of each cell, stacked so equal Dice stays legible
-                ax.annotate(fmt_time(t), (x, y), xytext=(4, 4 + 9 * i), textcoords="offset points", fontsize=6,
-                            color=line.get_color())
+            for s, x, y in zip([s for s in report["settings"]["labeled"] if report["cells"].get(f"{m}_n{s}")], xs, ys):
+                labels.setdefault(x, []).append((y, fmt_time(report["cells"][f"{m}_n{s}"].get("training_time_s")),
+                                                 line.get_color()))
+    last = max(labels) if labels else None
+    for x, items in labels.items():
+        prev = None
+        for y, text, colour in sorted(items):  # bottom-up, each label at least 0.045 above the one below it
+            t = y + 0.02 if prev is None else max(y + 0.02, prev + 0.045)
+            prev = t
+            ax.annotate(text, (x, t), xytext=(-4 if x == last else 4, 0), textcoords="offset points", fontsize=6,
+                        color=colour, ha="right" if x == last else "left", va="center")
     ax.set_xscale("log")
     ticks = sorted({n_train[s] for s in report["settings"]["labeled"]})
     ax.set_xticks(ticks)
@@ -401,7 +408,7 @@ def plot(report: dict, path: Path) -> None:
     same = f"{'x'.join(str(v) for v in budgets.pop())} for every method" if len(budgets) == 1 else ""
     detail = ", ".join(x for x in ("quick budget" if report["quick"] else "", same) if x)
     ax.set_title(f"{report['dataset']} fold {report['fold']}" + (f" ({detail})" if detail else ""), fontsize=10)
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
