@@ -106,6 +106,24 @@ def run(cmd: list[str], env: dict | None = None, log_file: Path | None = None) -
     return time.time() - t0
 
 
+def portable(obj):
+    """The report with this machine's folders written as $samunet_results, $samunet_preprocessed, $samunet_raw or
+    relative to the repository, so a committed result names no local path."""
+    roots = [(os.path.realpath(os.environ[v]), f"${v}")
+             for v in ("samunet_results", "samunet_preprocessed", "samunet_raw") if os.environ.get(v)]
+    roots = sorted(roots + [(str(REPO), ".")], key=lambda r: -len(r[0]))
+    if isinstance(obj, dict):
+        return {k: portable(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [portable(v) for v in obj]
+    if isinstance(obj, str) and obj.startswith("/"):
+        real = os.path.realpath(obj)
+        for root, name in roots:
+            if real == root or real.startswith(root + os.sep):
+                return name + real[len(root):]
+    return obj
+
+
 def load_json(path: Path):
     return json.loads(Path(path).read_text())
 
@@ -594,6 +612,7 @@ def main(argv=None):
     report["wall_s_this_invocation"] = run_info["wall_s"]
     report["wall_s_cells_total"] = round(sum(c.get("cell_wall_s", 0) for c in report["cells"].values())
                                          + (report["nnunet_preprocess_wall_s"] or 0), 1)
+    report = portable(report)
     save_json(report, report_file)
     (out_dir / f"{tag}.md").write_text(markdown(report))
     plot(report, out_dir / f"{tag}.png")
