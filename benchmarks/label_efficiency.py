@@ -43,7 +43,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
-SAMUNET_HEADS = ("autosam", "cnn", "linear", "unet")
+from samunet.models.specs import ENCODER_HEADS, HEADS  # noqa: E402  (light: no torch)
+
 NNUNET_TRAINER = "nnUNetTrainer_samunetBench"
 NNUNET_TRAINER_SOURCE = '''"""Written by samunet's benchmarks/label_efficiency.py: nnUNetTrainer with its training length (and, optionally,
 batch size) taken from environment variables, so a benchmark can state and fix the budget."""
@@ -106,22 +107,25 @@ def run(cmd: list[str], env: dict | None = None, log_file: Path | None = None) -
     return time.time() - t0
 
 
-def portable(obj):
+def portable(report: dict) -> dict:
     """The report with this machine's folders written as $samunet_results, $samunet_preprocessed, $samunet_raw or
     relative to the repository, so a committed result names no local path."""
     roots = [(os.path.realpath(os.environ[v]), f"${v}")
              for v in ("samunet_results", "samunet_preprocessed", "samunet_raw") if os.environ.get(v)]
     roots = sorted(roots + [(str(REPO), ".")], key=lambda r: -len(r[0]))
-    if isinstance(obj, dict):
-        return {k: portable(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [portable(v) for v in obj]
-    if isinstance(obj, str) and obj.startswith("/"):
-        real = os.path.realpath(obj)
-        for root, name in roots:
-            if real == root or real.startswith(root + os.sep):
-                return name + real[len(root):]
-    return obj
+
+    def convert(obj):
+        if isinstance(obj, dict):
+            return {k: convert(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [convert(v) for v in obj]
+        if isinstance(obj, str) and obj.startswith("/"):
+            real = os.path.realpath(obj)
+            for root, name in roots:
+                if real == root or real.startswith(root + os.sep):
+                    return name + real[len(root):]
+        return obj
+    return convert(report)
 
 
 def load_json(path: Path):
@@ -353,7 +357,7 @@ def markdown(report: dict) -> str:
             per = " / ".join(f"{c['dice_per_class'][k]:.3f}" for k in sorted(c["dice_per_class"], key=int))
             row.append(f"**{c['mean_foreground_dice']:.3f}** ({per}), {fmt_time(c['training_time_s'])}")
         lines.append("| " + " | ".join(row) + " |")
-    b = report["budgets"]
+    b = budgets_in_study(report)
     text = [f"# Label efficiency: {report['dataset']} fold {report['fold']}{' (quick)' if report['quick'] else ''}",
             "",
             f"Mean foreground Dice on the fold's {report['num_val_cases']} validation cases, per class in brackets "
@@ -361,11 +365,10 @@ def markdown(report: dict) -> str:
             "against the raw `labelsTr`.",
             "", *lines, "",
             "Budgets (epochs x iterations x batch):"]
-    methods = report["settings"]["methods"]
-    if any(m in ("autosam", "cnn", "linear") for m in methods):
+    if "heads" in b:
         text.append(f"- heads: {b['heads']['epochs']} x {b['heads']['iterations']} x {b['heads']['batch_size']} on "
                     "cached embeddings of the frozen encoder")
-    if "unet" in methods:
+    if "unet" in b:
         text.append(f"- U-Net from scratch: {b['unet']['epochs']} x {b['unet']['iterations']} x "
                     f"{b['unet']['batch_size']} on augmented encoder-input images (same sampling and loop as the heads)")
     if "nnunet" in b:
@@ -380,6 +383,13 @@ def markdown(report: dict) -> str:
     return "\n".join(text) + "\n"
 
 
+def budgets_in_study(report: dict) -> dict:
+    """The budgets (heads, unet, nnunet) of the kinds of method this study ran."""
+    methods = report["settings"]["methods"]
+    ran = {"heads": any(m in ENCODER_HEADS for m in methods), "unet": "unet" in methods, "nnunet": "nnunet" in methods}
+    return {k: b for k, b in report["budgets"].items() if ran.get(k)}
+
+
 def plot(report: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -390,17 +400,12 @@ def plot(report: dict, path: Path) -> None:
     styles = {"autosam": "o-", "cnn": "s-", "linear": "^-", "unet": "x--", "nnunet": "d--"}
     labels = {}  # x -> [(Dice, text, colour)]: the training time of each cell, placed after all lines are drawn
     for m in report["settings"]["methods"]:
-        xs, ys = [], []
-        for s in report["settings"]["labeled"]:
-            c = report["cells"].get(f"{m}_n{s}")
-            if c is not None:
-                xs.append(n_train[s])
-                ys.append(c["mean_foreground_dice"])
-        if xs:
-            line, = ax.plot(xs, ys, styles.get(m, "o-"), label=LABELS.get(m, m))
-            for s, x, y in zip([s for s in report["settings"]["labeled"] if report["cells"].get(f"{m}_n{s}")], xs, ys):
-                labels.setdefault(x, []).append((y, fmt_time(report["cells"][f"{m}_n{s}"].get("training_time_s")),
-                                                 line.get_color()))
+        done = [(n_train[s], c["mean_foreground_dice"], c.get("training_time_s"))
+                for s in report["settings"]["labeled"] if (c := report["cells"].get(f"{m}_n{s}")) is not None]
+        if done:
+            line, = ax.plot([d[0] for d in done], [d[1] for d in done], styles.get(m, "o-"), label=LABELS.get(m, m))
+            for x, y, t in done:
+                labels.setdefault(x, []).append((y, fmt_time(t), line.get_color()))
     last = max(labels) if labels else None
     for x, items in labels.items():
         prev = None
@@ -419,10 +424,7 @@ def plot(report: dict, path: Path) -> None:
     ax.text(0.01, 0.99, "labels: training time of each cell", transform=ax.transAxes, fontsize=7, va="top")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    budgets = {(b["epochs"], b["iterations"], b["batch_size"]) for k, b in report["budgets"].items()
-               if k == "nnunet" and "nnunet" in report["settings"]["methods"]
-               or k == "unet" and "unet" in report["settings"]["methods"]
-               or k == "heads" and any(m in ("autosam", "cnn", "linear") for m in report["settings"]["methods"])}
+    budgets = {(b["epochs"], b["iterations"], b["batch_size"]) for b in budgets_in_study(report).values()}
     same = f"{'x'.join(str(v) for v in budgets.pop())} for every method" if len(budgets) == 1 else ""
     detail = ", ".join(x for x in ("quick budget" if report["quick"] else "", same) if x)
     ax.set_title(f"{report['dataset']} fold {report['fold']}" + (f" ({detail})" if detail else ""), fontsize=10)
@@ -440,7 +442,7 @@ def main(argv=None):
     p.add_argument("--labeled", nargs="+", default=None,
                    help="numbers of labelled training cases, 'all' for the whole fold (default 1 2 5 10 all; "
                         "--quick: 1 5 all)")
-    p.add_argument("--heads", nargs="*", default=None, choices=SAMUNET_HEADS,
+    p.add_argument("--heads", nargs="*", default=None, choices=HEADS,
                    help="samunet models (default: autosam cnn linear unet; --quick: autosam cnn unet)")
     p.add_argument("--no_nnunet", action="store_true", help="leave nnU-Net out")
     p.add_argument("--quick", action="store_true", help="small CPU budget (see QUICK); results get a _quick suffix")
@@ -489,7 +491,7 @@ def main(argv=None):
     subsets = {s: labeled_subset(train, None if s == "all" else int(s), a.fold, SPLIT_SEED) for s in labeled}
 
     if a.heads is None:
-        a.heads = list(QUICK["models"]) if a.quick else list(SAMUNET_HEADS)
+        a.heads = list(QUICK["models"]) if a.quick else list(HEADS)
     if a.quick:
         heads_b = dict(QUICK["heads"])
         unet_b = dict(QUICK["unet"])
@@ -622,7 +624,7 @@ def main(argv=None):
 
 def crosscheck_predict(a, methods, labeled, subsets, val, cells, ending, work) -> dict | None:
     """Predict one head cell's validation cases with samunet_predict and compare with its final validation."""
-    heads = [m for m in methods if m in ("autosam", "cnn", "linear")]
+    heads = [m for m in methods if m in ENCODER_HEADS]
     if not heads:
         return None
     head, s = heads[0], labeled[-1]

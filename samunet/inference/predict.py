@@ -36,7 +36,8 @@ class EnsemblePredictor:
         from samunet.models.encoders import encoder_identity
         from samunet.models.heads import build_head
         from samunet.models.unet import build_unet
-        from samunet.training.trainer import IMAGE_MODELS, build_encoder_for_plans, resolve_device
+        from samunet.models.specs import IMAGE_MODELS
+        from samunet.training.trainer import build_encoder_for_plans, resolve_device
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():
             raise SamunetError(f"{self.model_dir}: model folder not found")

@@ -27,7 +27,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-HEAD_NAMES = ("autosam", "cnn", "linear")
+from samunet.models.specs import ENCODER_HEADS
+
+HEAD_NAMES = ENCODER_HEADS  # the heads on the frozen encoder that build_head constructs
 
 
 class ChannelFusion(nn.Module):

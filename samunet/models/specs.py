@@ -85,3 +85,5 @@ def get_encoder_spec(name: str) -> EncoderSpec:
 
 # trainable models: heads on the frozen encoder, and the U-Net trained from scratch on the encoder inputs
 HEADS = ("autosam", "cnn", "linear", "unet")
+IMAGE_MODELS = ("unet",)  # trained from scratch on the encoder inputs: no encoder, no embedding cache
+ENCODER_HEADS = tuple(h for h in HEADS if h not in IMAGE_MODELS)  # heads on the frozen encoder

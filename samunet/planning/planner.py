@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from samunet import __version__
-from samunet.models.specs import EncoderSpec, get_encoder_spec
+from samunet.models.specs import HEADS, EncoderSpec, get_encoder_spec
 from samunet.models.unet import unet_block
 from samunet.utils import SamunetError, stable_hash
 
@@ -245,8 +245,8 @@ def plan_experiment(fingerprint: dict, dataset_json: dict, encoder: str = "lite_
     if spec.needs_checkpoint and not checkpoint:
         raise SamunetError(f"encoder {encoder} needs its official checkpoint: pass --checkpoint PATH "
                            f"(its weights are never downloaded)")
-    if head is not None and head not in ("autosam", "cnn", "linear", "unet"):
-        raise SamunetError(f"unknown head '{head}' (choose autosam, cnn, linear or unet)")
+    if head is not None and head not in HEADS:
+        raise SamunetError(f"unknown head '{head}' (choose {', '.join(HEADS)})")
     opts = {"memory_gb": float(memory_gb), "disk_gb": float(disk_gb), "input_size": input_size, "head": head}
     available = {"2d": 1} if fingerprint["dims"] == [2] else {"2d": 1, "2.5d": 3}
     wanted = configurations or list(available)

@@ -22,7 +22,7 @@ from samunet.planning.plans import get_configuration, load_plans
 from samunet.preprocessing.embedding_cache import EmbeddingCache
 from samunet.training.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from samunet.training.data import BackgroundBatches, CachedData, OnTheFlyData
-from samunet.models.specs import HEADS
+from samunet.models.specs import HEADS, IMAGE_MODELS
 from samunet.training.losses import confusion_counts, dice_ce_loss
 from samunet.training.progress import TextLog, new_log, plot_progress
 from samunet.training.splits import get_split, labeled_subset
@@ -30,7 +30,6 @@ from samunet.utils import SamunetError, load_json, save_json
 
 logger = logging.getLogger("samunet")
 
-IMAGE_MODELS = ("unet",)  # trained from scratch on the encoder inputs: no encoder, no embedding cache
 EMA_MOMENTUM = 0.9
 GRAD_CLIP = 12.0
 VAL_ROWS_CACHED = 512
