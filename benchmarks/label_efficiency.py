@@ -186,7 +186,8 @@ def samunet_cell(a, head: str, n: str, expected_train: list[str], val: list[str]
     cell = load_json(cell_file) if cell_file.is_file() else {"wall_s": 0.0}
     cmd = console("samunet_train") + [str(a.dataset), "2d", str(a.fold), "--head", head, "--epochs",
                                       str(budget["epochs"]), "--iterations_per_epoch", str(budget["iterations"]),
-                                      "--batch_size", str(budget["batch_size"]), "--device", a.device]
+                                      "--batch_size", str(budget["batch_size"]), "--device", a.device,
+                                      "--patience", str(budget.get("patience", 0))]
     if num is not None:
         cmd += ["--num_labeled_cases", str(num)]
     logf = work / "logs" / f"{head}_n{n}.log"
@@ -205,14 +206,18 @@ def samunet_cell(a, head: str, n: str, expected_train: list[str], val: list[str]
     if sorted(debug["train_cases"]) != sorted(expected_train) or sorted(debug["val_cases"]) != sorted(val):
         raise SystemExit(f"{out}: trained on other cases than the study expects (stale folder?)")
     state = load_checkpoint(final)
-    if (int(state["epoch"]), int(state["iterations_per_epoch"]), int(state["batch_size"])) != \
-            (budget["epochs"], budget["iterations"], budget["batch_size"]):
-        raise SystemExit(f"{final}: trained with another budget ({state['epoch']} epochs x "
+    stopped = state["log"].get("stopped_early_after_epoch")
+    if (int(state["num_epochs"]), int(state["iterations_per_epoch"]), int(state["batch_size"])) != \
+            (budget["epochs"], budget["iterations"], budget["batch_size"]) or \
+            (stopped is None and int(state["epoch"]) != budget["epochs"]) or (stopped and not budget.get("patience")):
+        raise SystemExit(f"{final}: trained with another budget ({state['epoch']} of {state['num_epochs']} epochs x "
                          f"{state['iterations_per_epoch']} x batch {state['batch_size']}); use another samunet_results")
     result = evaluate(raw, out / "validation", val, ending, work / "eval" / f"{head}_n{n}.json")
     return {**result, "method": head, "labeled": n, "num_train_cases": len(expected_train),
             "train_cases": expected_train, "epochs": budget["epochs"], "iterations_per_epoch": budget["iterations"],
-            "batch_size": budget["batch_size"],
+            "batch_size": budget["batch_size"], "epochs_done": int(state["epoch"]),
+            "iterations_done": int(state["epoch"]) * budget["iterations"], "stopped_early": stopped is not None,
+            "early_stopping_patience": budget.get("patience", 0),
             "training_time_s": round(float(sum(state["log"]["epoch_time"])), 1),
             "training_time_note": "sum of samunet's epoch times (training iterations plus the per-epoch pseudo-Dice "
                                   "check), from the checkpoint",
@@ -316,7 +321,13 @@ class NnUNet:
         epochs_done = len(re.findall(r"Epoch time:", "".join(f.read_text(errors="replace")
                                                               for f in out.glob("training_log_*.txt"))))
         plans = load_json(self.pp / self.a.dataset_name / "nnUNetPlans.json")["configurations"]["2d"]
-        return {**result, "method": "nnunet", "labeled": n, "num_train_cases": len(train), "train_cases": train,
+        text = "".join(f.read_text(errors="replace") for f in sorted(out.glob("training_log_*.txt")))
+        epochs_text = re.split(r"Epoch time:", text)
+        best_epochs = [i for i, chunk in enumerate(epochs_text[1:], 1) if "New best EMA pseudo Dice" in chunk]
+        last_best = best_epochs[-1] if best_epochs else 0
+        return {"still_rising": bool(epochs_done and last_best > 0.8 * epochs_done),
+                "last_new_best_epoch": last_best, "iterations_done": epochs_done * self.budget["iterations"],
+**result, "method": "nnunet", "labeled": n, "num_train_cases": len(train), "train_cases": train,
                 "nnunet_fold": idx, "epochs": self.budget["epochs"], "epochs_logged": epochs_done,
                 "iterations_per_epoch": self.budget["iterations"],
                 "val_iterations_per_epoch": self.budget["val_iterations"],
@@ -329,6 +340,7 @@ class NnUNet:
 
 # ----------------------------------------------------------------------------------------------- reports
 LABELS = {"autosam": "samunet autosam (frozen encoder)", "cnn": "samunet cnn (frozen encoder)",
+          "hybrid": "samunet hybrid (frozen encoder + image U-Net)",
           "linear": "samunet linear (frozen encoder)", "unet": "2D U-Net from scratch (in samunet)",
           "nnunet": "nnU-Net v2 2d"}
 
@@ -355,7 +367,9 @@ def markdown(report: dict) -> str:
                 row.append("—")
                 continue
             per = " / ".join(f"{c['dice_per_class'][k]:.3f}" for k in sorted(c["dice_per_class"], key=int))
-            row.append(f"**{c['mean_foreground_dice']:.3f}** ({per}), {fmt_time(c['training_time_s'])}")
+            its = f", {c['iterations_done']} it" if report.get("plateau") and c.get("iterations_done") else ""
+            rising = " (still rising)" if c.get("still_rising") else ""
+            row.append(f"**{c['mean_foreground_dice']:.3f}** ({per}), {fmt_time(c['training_time_s'])}{its}{rising}")
         lines.append("| " + " | ".join(row) + " |")
     b = budgets_in_study(report)
     text = [f"# Label efficiency: {report['dataset']} fold {report['fold']}{' (quick)' if report['quick'] else ''}",
@@ -365,13 +379,23 @@ def markdown(report: dict) -> str:
             "against the raw `labelsTr`.",
             "", *lines, "",
             "Budgets (epochs x iterations x batch):"]
+    cap = "at most " if report.get("plateau") else ""
+    stop = lambda k: (f", stopped early once the moving-average pseudo-Dice had not improved for "  # noqa: E731
+                      f"{b[k]['patience']} epochs") if b[k].get("patience") else ""
     if "heads" in b:
-        text.append(f"- heads: {b['heads']['epochs']} x {b['heads']['iterations']} x {b['heads']['batch_size']} on "
-                    "cached embeddings of the frozen encoder")
+        text.append(f"- heads: {cap}{b['heads']['epochs']} x {b['heads']['iterations']} x {b['heads']['batch_size']} "
+                    f"on cached embeddings of the frozen encoder{stop('heads')}")
     if "unet" in b:
-        text.append(f"- U-Net from scratch: {b['unet']['epochs']} x {b['unet']['iterations']} x "
-                    f"{b['unet']['batch_size']} on augmented encoder-input images (same sampling and loop as the heads)")
-    if "nnunet" in b:
+        text.append(f"- U-Net from scratch: {cap}{b['unet']['epochs']} x {b['unet']['iterations']} x "
+                    f"{b['unet']['batch_size']} on augmented encoder-input images (same sampling and loop as the "
+                    f"heads){stop('unet')}")
+    if "nnunet" in b and report.get("plateau"):
+        text.append(f"- nnU-Net: per column, at least as many iterations as the longest samunet cell of that column "
+                    f"(epochs of {b['nnunet']['iterations']} iterations x batch {b['nnunet']['batch_size']}, "
+                    f"{b['nnunet']['val_iterations']} validation iterations per epoch, {NNUNET_TRAINER}); its own 2d "
+                    "plans, preprocessing and augmentation; '(still rising)' marks a cell whose own moving-average "
+                    "pseudo-Dice set a new best in its last fifth of epochs")
+    elif "nnunet" in b:
         text.append(f"- nnU-Net: {b['nnunet']['epochs']} x {b['nnunet']['iterations']} x "
                     f"{b['nnunet']['batch_size'] or 'plan'} ({NNUNET_TRAINER}, {b['nnunet']['val_iterations']} "
                     "validation iterations per epoch), its own 2d plans, preprocessing and augmentation")
@@ -386,7 +410,8 @@ def markdown(report: dict) -> str:
 def budgets_in_study(report: dict) -> dict:
     """The budgets (heads, unet, nnunet) of the kinds of method this study ran."""
     methods = report["settings"]["methods"]
-    ran = {"heads": any(m in ENCODER_HEADS for m in methods), "unet": "unet" in methods, "nnunet": "nnunet" in methods}
+    ran = {"heads": any(m not in ("unet", "nnunet") for m in methods), "unet": "unet" in methods,
+           "nnunet": "nnunet" in methods}
     return {k: b for k, b in report["budgets"].items() if ran.get(k)}
 
 
@@ -397,7 +422,7 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.ticker
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     n_train = report["settings"]["num_train_cases_by_setting"]
-    styles = {"autosam": "o-", "cnn": "s-", "linear": "^-", "unet": "x--", "nnunet": "d--"}
+    styles = {"autosam": "o-", "cnn": "s-", "linear": "^-", "hybrid": "*-", "unet": "x--", "nnunet": "d--"}
     labels = {}  # x -> [(Dice, text, colour)]: the training time of each cell, placed after all lines are drawn
     for m in report["settings"]["methods"]:
         done = [(n_train[s], c["mean_foreground_dice"], c.get("training_time_s"))
@@ -446,6 +471,12 @@ def main(argv=None):
                    help="samunet models (default: autosam cnn linear unet; --quick: autosam cnn unet)")
     p.add_argument("--no_nnunet", action="store_true", help="leave nnU-Net out")
     p.add_argument("--quick", action="store_true", help="small CPU budget (see QUICK); results get a _quick suffix")
+    p.add_argument("--plateau", action="store_true",
+                   help="train every samunet cell to its plateau (early stopping with --patience, the epochs as cap) "
+                        "and give nnU-Net at least as many iterations as the longest samunet cell of its column, at "
+                        "the same batch size; results get a _plateau suffix")
+    p.add_argument("--patience", type=int, default=None,
+                   help="--plateau: epochs without a new best moving-average pseudo-Dice (default: the plans')")
     p.add_argument("--epochs", type=int, default=None, help="heads and U-Net: epochs (default: plans; quick 4)")
     p.add_argument("--iterations", type=int, default=None,
                    help="heads and U-Net: iterations per epoch (default: plans; quick 10)")
@@ -514,8 +545,19 @@ def main(argv=None):
         if val_ is not None:
             nn_b[key] = val_
 
+    if a.plateau:
+        if a.quick:
+            raise SystemExit("--plateau and --quick exclude each other")
+        heads_b["patience"] = unet_b["patience"] = a.patience if a.patience is not None else \
+            int(cfg.get("early_stopping_patience", 15))
+        if a.nnunet_batch_size is None:
+            nn_b["batch_size"] = heads_b["batch_size"]
+        if a.nnunet_iterations is None:
+            nn_b["iterations"] = heads_b["iterations"]
+        if a.nnunet_val_iterations is None:
+            nn_b["val_iterations"] = 5
     tag = f"label_efficiency_{a.dataset_name.split('_')[0].replace('Dataset', '')}_fold{a.fold}" + \
-        ("_quick" if a.quick else "")
+        ("_quick" if a.quick else "_plateau" if a.plateau else "")
     work = HERE / "work" / tag
     work.mkdir(parents=True, exist_ok=True)
     out_dir = Path(a.out)
@@ -539,8 +581,17 @@ def main(argv=None):
             key = f"{m}_n{s}"
             log(f"--- {key}")
             if m == "nnunet":
-                idx = nn.split_index(splits, a.fold, subsets[s], val)  # 'all' finds fold K itself
-                cell = nn.cell(s, idx, subsets[s], val, ending, a.raw)
+                column_nn = nn
+                if a.plateau:  # at least the iterations of the longest samunet cell of this column
+                    done = [c["iterations_done"] for k, c in cells.items()
+                            if k.endswith(f"_n{s}") and not k.startswith("nnunet") and "iterations_done" in c]
+                    if len(done) < len(methods) - 1 and not a.report_only:
+                        log(f"nnunet n={s}: waits until every samunet cell of the column has finished")
+                        continue
+                    longest = max(done) if done else nn_b["iterations"]
+                    column_nn = NnUNet(a, work, {**nn_b, "epochs": -(-longest // nn_b["iterations"])})
+                idx = column_nn.split_index(splits, a.fold, subsets[s], val)  # 'all' finds fold K itself
+                cell = column_nn.cell(s, idx, subsets[s], val, ending, a.raw)
             else:
                 cell = samunet_cell(a, m, s, subsets[s], val, unet_b if m == "unet" else heads_b, ending,
                                     a.raw, work)
@@ -590,7 +641,7 @@ def main(argv=None):
         notes.append(f"Not finished, shown as '—': {', '.join(missing)}. Rerunning the command completes them "
                      "(finished cells are skipped, interrupted ones continue).")
     report = {
-        "dataset": a.dataset_name, "fold": a.fold, "quick": a.quick,
+        "dataset": a.dataset_name, "fold": a.fold, "quick": a.quick, "plateau": a.plateau,
         "command": "python benchmarks/label_efficiency.py " + " ".join(
             x for x in (sys.argv[1:] if argv is None else argv) if x != "--report_only"),
         "date": run_info["date"], "run": run_info,

@@ -168,6 +168,9 @@ def train_entry(argv=None):
     p.add_argument("--npz", action="store_true", help="also save validation probabilities (.npz)")
     p.add_argument("--no_cache", action="store_true",
                    help="encode on the fly with full augmentation even if the plans cache embeddings")
+    p.add_argument("--patience", type=int, default=None,
+                   help="stop once the moving average of the validation pseudo-Dice has not improved for this many "
+                        "epochs; 0 trains every epoch (default: set by the plans); --epochs stays the cap")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     a = p.parse_args(argv)
     _setup_logging()
@@ -176,7 +179,8 @@ def train_entry(argv=None):
                  iterations_per_epoch=a.iterations_per_epoch, num_labeled_cases=a.num_labeled_cases,
                  continue_training=a.c, validation_only=a.val, device=a.device, save_probabilities=a.npz,
                  use_cache=False if a.no_cache else None,
-                 checkpoint="checkpoint_best.pth" if a.val_best else "checkpoint_final.pth", batch_size=a.batch_size)
+                 checkpoint="checkpoint_best.pth" if a.val_best else "checkpoint_final.pth", batch_size=a.batch_size,
+                 patience=a.patience)
 
 
 def _add_predict_options(p: argparse.ArgumentParser) -> None:

@@ -36,7 +36,8 @@ class EnsemblePredictor:
         from samunet.models.encoders import encoder_identity
         from samunet.models.heads import build_head
         from samunet.models.unet import build_unet
-        from samunet.models.specs import IMAGE_MODELS
+        from samunet.models.hybrid import build_hybrid
+        from samunet.models.specs import HYBRID_HEADS, IMAGE_MODELS
         from samunet.training.trainer import build_encoder_for_plans, resolve_device
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():
@@ -83,6 +84,9 @@ class EnsemblePredictor:
             if is_image_model:
                 head = build_unet(state["unet_architecture"], 3 * int(state["in_channels_multiplier"]),
                                   len(self.label_values))
+            elif state.get("head") in HYBRID_HEADS:
+                head = build_hybrid(state["hybrid_architecture"], self.encoder, len(self.label_values),
+                                    in_channels_multiplier=int(state["in_channels_multiplier"]))
             else:
                 head = build_head(state["head"], self.encoder, len(self.label_values),
                                   in_channels_multiplier=int(state["in_channels_multiplier"]))

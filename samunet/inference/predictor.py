@@ -36,10 +36,14 @@ def predict_preprocessed(data: np.ndarray, config: dict, encoder, heads: list, n
     encoder for the un-flipped view.
     """
     image_models = [getattr(h, "takes_images", False) for h in heads]
+    hybrids = [getattr(h, "takes_images_and_embeddings", False) for h in heads]
     if encoder is None and not all(image_models):
         raise ValueError("embedding heads need the encoder (only image models such as the U-Net run without one)")
     s_count = data.shape[1]
     layout = make_layout(data.shape[2:], config)
+    # hybrid heads read the slice on their own canvas, laid out like the encoder input at another size
+    canvases = {h.input_size: make_layout(data.shape[2:], {**config, "encoder_input_size": h.input_size})
+                for h, hy in zip(heads, hybrids) if hy}
     n_tiles = len(layout["tiles"])
     views = TTA_VIEWS if tta else TTA_VIEWS[:1]
     out = np.zeros((num_classes, s_count, *data.shape[2:]), np.float32)
@@ -49,9 +53,9 @@ def predict_preprocessed(data: np.ndarray, config: dict, encoder, heads: list, n
         chunk = range(start, min(s_count, start + slices_per_chunk))
         for view in views:
             x = emb = None
+            images = [np.ascontiguousarray(_flip(slice_images(data, s, config), view)) for s in chunk]
             if any(image_models) or view or cached_embeddings is None:
-                x = torch.cat([encoder_inputs(np.ascontiguousarray(_flip(slice_images(data, s, config), view)),
-                                              layout) for s in chunk]).to(device)  # (n*T, n_enc, 3, P, P)
+                x = torch.cat([encoder_inputs(im, layout) for im in images]).to(device)  # (n*T, n_enc, 3, P, P)
             if not all(image_models):
                 if not view and cached_embeddings is not None:
                     emb = torch.from_numpy(np.asarray(
@@ -59,11 +63,17 @@ def predict_preprocessed(data: np.ndarray, config: dict, encoder, heads: list, n
                 else:
                     e = encoder(x.reshape(-1, *x.shape[2:])).float()
                     emb = e.reshape(x.shape[0], x.shape[1] * e.shape[1], *e.shape[2:])
-            for head, takes_images in zip(heads, image_models):
-                inp = x.reshape(x.shape[0], -1, *x.shape[3:]) if takes_images else emb
-                logits = head(inp).float().cpu()
+            on_canvas = {q: torch.cat([encoder_inputs(im, lay) for im in images]).flatten(1, 2).to(device)
+                         for q, lay in canvases.items()}  # (n*T, n_enc * 3, Q, Q)
+            for head, takes_images, hybrid in zip(heads, image_models, hybrids):
+                if hybrid:
+                    logits, head_layout = head(emb, on_canvas[head.input_size]), canvases[head.input_size]
+                else:
+                    inp = x.reshape(x.shape[0], -1, *x.shape[3:]) if takes_images else emb
+                    logits, head_layout = head(inp), layout
+                logits = logits.float().cpu()
                 for i, s in enumerate(chunk):
-                    probs = probabilities_to_slice(logits[i * n_tiles:(i + 1) * n_tiles], layout)
+                    probs = probabilities_to_slice(logits[i * n_tiles:(i + 1) * n_tiles], head_layout)
                     out[:, s] += weight * _flip(probs, view).numpy()
     return out
 

@@ -84,6 +84,7 @@ def get_encoder_spec(name: str) -> EncoderSpec:
 
 
 # trainable models: heads on the frozen encoder, and the U-Net trained from scratch on the encoder inputs
-HEADS = ("autosam", "cnn", "linear", "unet")
+HEADS = ("autosam", "cnn", "linear", "hybrid", "unet")
 IMAGE_MODELS = ("unet",)  # trained from scratch on the encoder inputs: no encoder, no embedding cache
-ENCODER_HEADS = tuple(h for h in HEADS if h not in IMAGE_MODELS)  # heads on the frozen encoder
+HYBRID_HEADS = ("hybrid",)  # read the slice on their own canvas and the cached embedding
+ENCODER_HEADS = tuple(h for h in HEADS if h not in IMAGE_MODELS + HYBRID_HEADS)  # heads on the embedding alone

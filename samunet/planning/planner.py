@@ -12,6 +12,7 @@ import numpy as np
 
 from samunet import __version__
 from samunet.models.specs import HEADS, EncoderSpec, get_encoder_spec
+from samunet.models.hybrid import hybrid_block
 from samunet.models.unet import unet_block
 from samunet.utils import SamunetError, stable_hash
 
@@ -24,8 +25,10 @@ MIN_BATCH_SIZE = 2
 CPU_GFLOPS_REFERENCE = 55.0       # LiteMedSAM fp32 eager, measured on a 2-core CPU: 75 GFLOP in ~1.35 s
 MIN_ITERATIONS, MAX_ITERATIONS = 25, 250
 NUM_EPOCHS_CACHED, NUM_EPOCHS_ON_THE_FLY = 100, 50
+EARLY_STOPPING_PATIENCE = 15
 INITIAL_LR = {"autosam": 1e-3, "cnn": 1e-3, "linear": 1e-2,  # a lone 1x1 classifier needs larger steps
-              "unet": 1e-2}  # the from-scratch U-Net: nnU-Net's SGD learning rate
+              "unet": 1e-2,  # the from-scratch U-Net: nnU-Net's SGD learning rate
+              "hybrid": 1e-2}  # the hybrid head is mostly a U-Net: nnU-Net's SGD learning rate
 RGB_NAMES = ({"r", "g", "b"}, {"red", "green", "blue"})
 
 
@@ -195,7 +198,7 @@ def _configuration(name: str, context: int, fingerprint: dict, spec: EncoderSpec
         "normalization": [{k: v for k, v in n.items() if k != "reason"} for n in normalisation],
         "crop": "nonzero",
     }
-    return {
+    config = {
         "data_identifier": f"{PLANS_NAME}_2d",
         "preprocessing_identity": stable_hash(preprocessing),
         "slice_context": context,
@@ -225,6 +228,11 @@ def _configuration(name: str, context: int, fingerprint: dict, spec: EncoderSpec
                             f"(~{train_inputs}), within [{MIN_ITERATIONS}, {MAX_ITERATIONS}] iterations; "
                             f"{epochs} epochs {'on cached embeddings' if cache else 'with on-the-fly encoding'}; "
                             "override with samunet_train --epochs"),
+        "early_stopping_patience": EARLY_STOPPING_PATIENCE,
+        "early_stopping_reason": (f"training stops once the moving average of the validation pseudo-Dice has not "
+                                  f"improved for {EARLY_STOPPING_PATIENCE} epochs (the epochs above are the cap), "
+                                  "so small or easy data sets stop at their plateau instead of a fixed guess; "
+                                  "override with samunet_train --patience"),
         "initial_lr": dict(INITIAL_LR),
         "unet": unet_block([input_size, input_size]),
         "cache_embeddings": bool(cache),
@@ -235,6 +243,8 @@ def _configuration(name: str, context: int, fingerprint: dict, spec: EncoderSpec
         "estimated_encoder_cpu_hours": round(gflop_total / CPU_GFLOPS_REFERENCE / 3600, 3),
         "encoder_cpu_hours_note": f"at {CPU_GFLOPS_REFERENCE:.0f} GFLOP/s (the fp32 reference encoder on 2 CPU cores)",
     }
+    config["hybrid"] = hybrid_block(config)
+    return config
 
 
 def plan_experiment(fingerprint: dict, dataset_json: dict, encoder: str = "lite_medsam",

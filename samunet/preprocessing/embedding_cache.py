@@ -82,6 +82,8 @@ class EmbeddingCache:
     def build(self, identifiers, encoder, ram_budget_mb: float = 4000.0) -> int:
         """Encode every listed case not yet cached. Returns the number of encoder inputs computed."""
         todo = self.missing(identifiers)
+        if not todo and (self.folder / "cache_identity.json").is_file():
+            return 0
         self.folder.mkdir(parents=True, exist_ok=True)
         for stale in self.folder.glob(".*.tmp"):
             stale.unlink()

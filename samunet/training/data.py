@@ -37,9 +37,15 @@ class _RowSampler:
 
 
 class CachedData:
-    """Rows of the embedding cache for a set of cases."""
+    """Rows of the embedding cache for a set of cases.
 
-    def __init__(self, cache, identifiers: list[str], num_classes: int):
+    With ``canvas`` (the hybrid head) each row also yields its image and label on the head's ``canvas`` x
+    ``canvas`` layout, read from the preprocessed case. With ``warp`` (``WarpParams``) each sample's embedding grid,
+    label and image are warped by one random affine map (``cached_augmentation``); images also get intensity
+    augmentation.
+    """
+
+    def __init__(self, cache, identifiers: list[str], num_classes: int, canvas: int | None = None, warp=None):
         self.items = [cache.load(i) for i in identifiers]
         self.index = np.array([(ci, r) for ci, (emb, _, _) in enumerate(self.items) for r in range(len(emb))])
         presence = np.zeros((len(self.index), max(0, num_classes - 1)), bool)
@@ -50,18 +56,62 @@ class CachedData:
                 presence[row:row + len(t), c - 1] = (t == c).any(1)
             row += len(t)
         self.sampler = _RowSampler(presence)
+        self.canvas = canvas
+        self.warp = warp
+        self.config = cache.config
+        self.label_values = cache.label_values
+        if canvas is not None:
+            cfg = {**cache.config, "encoder_input_size": int(canvas)}
+            self.cases = []
+            for ident, (_, _, info) in zip(identifiers, self.items):
+                data = np.load(cache.data_folder / f"{ident}.npy", mmap_mode="r")
+                seg = np.load(cache.data_folder / f"{ident}_seg.npy", mmap_mode="r")
+                self.cases.append((data, seg, make_layout(data.shape[2:], cfg)))
+        if warp is not None and canvas is not None:
+            from samunet.training.cached_augmentation import intensity_augmentation
+            self.intensity = intensity_augmentation()
 
     def __len__(self):
         return len(self.index)
 
-    def batch(self, rows) -> dict:
-        embs, tgts = [], []
+    def _image_row(self, ci: int, k: int):
+        data, seg, layout = self.cases[ci]
+        s, t = self.items[ci][2]["rows"][k]
+        img = encoder_inputs(slice_images(data, int(s), self.config), layout)[t]      # (n_enc, 3, Q, Q)
+        tgt = target_inputs(np.asarray(seg[s]), layout, self.label_values)[t]          # (Q, Q)
+        return img.reshape(-1, *img.shape[-2:]), tgt, layout
+
+    def batch(self, rows, rng: np.random.Generator | None = None) -> dict:
+        embs, tgts, imgs, layouts = [], [], [], []
         for r in rows:
             ci, k = self.index[r]
-            emb, tgt, _ = self.items[ci]
+            emb, tgt, info = self.items[ci]
             embs.append(torch.from_numpy(np.asarray(emb[k], dtype=np.float32)))
-            tgts.append(torch.from_numpy(np.asarray(tgt[k], dtype=np.int64)))
-        return {"emb": torch.stack(embs), "target": torch.stack(tgts)}
+            if self.canvas is None:
+                tgts.append(torch.from_numpy(np.asarray(tgt[k], dtype=np.int64)))
+                layouts.append(info["layout"])
+            else:
+                img, t, layout = self._image_row(ci, k)
+                imgs.append(img)
+                tgts.append(t)
+                layouts.append(layout)
+        out = {"emb": torch.stack(embs), "target": torch.stack(tgts)}
+        if imgs:
+            out["images"] = torch.stack(imgs)
+        if self.warp is not None and rng is not None:
+            out = self._augment(out, layouts, rng)
+        return out
+
+    def _augment(self, out: dict, layouts: list[dict], rng: np.random.Generator) -> dict:
+        from samunet.training.cached_augmentation import random_affine, region_centres, warp_grid, warp_labels
+        theta = random_affine(rng, len(layouts), region_centres(layouts), self.warp)
+        out["emb"] = warp_grid(out["emb"], theta)
+        out["target"] = warp_labels(out["target"], theta)
+        if "images" in out:
+            img = warp_grid(out["images"], theta)
+            d = self.intensity(data=img.numpy(), seg=None)
+            out["images"] = torch.from_numpy(np.clip(d["data"], 0, 1).astype(np.float32))
+        return out
 
 
 def _augmentation():
@@ -147,7 +197,7 @@ class BackgroundBatches:
             try:
                 for _ in range(n):
                     rows = data.sampler.draw(rng, batch_size)
-                    b = data.batch(rows, rng) if isinstance(data, OnTheFlyData) else data.batch(rows)
+                    b = data.batch(rows, rng)
                     self.q.put(b)
             except BaseException as e:  # surface loader errors in the training loop
                 self.q.put(e)

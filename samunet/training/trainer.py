@@ -21,8 +21,9 @@ from samunet.paths import preprocessed_folder, resolve_dataset_name, results_fol
 from samunet.planning.plans import get_configuration, load_plans
 from samunet.preprocessing.embedding_cache import EmbeddingCache
 from samunet.training.checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from samunet.training.cached_augmentation import WarpParams
 from samunet.training.data import BackgroundBatches, CachedData, OnTheFlyData
-from samunet.models.specs import HEADS, IMAGE_MODELS
+from samunet.models.specs import HEADS, HYBRID_HEADS, IMAGE_MODELS
 from samunet.training.losses import confusion_counts, dice_ce_loss
 from samunet.training.progress import TextLog, new_log, plot_progress
 from samunet.training.splits import get_split, labeled_subset
@@ -31,6 +32,7 @@ from samunet.utils import SamunetError, load_json, save_json
 logger = logging.getLogger("samunet")
 
 EMA_MOMENTUM = 0.9
+DEFAULT_PATIENCE = 20  # for plans written before the planner recorded early_stopping_patience
 GRAD_CLIP = 12.0
 VAL_ROWS_CACHED = 512
 VAL_ROWS_ON_THE_FLY = 48
@@ -66,7 +68,7 @@ class Trainer:
     def __init__(self, dataset, configuration: str, fold, head: str | None = None, epochs: int | None = None,
                  iterations_per_epoch: int | None = None, num_labeled_cases: int | None = None,
                  device: str = "auto", use_cache: bool | None = None, seed: int = 12345,
-                 ram_budget_mb: float = 4000.0, batch_size: int | None = None):
+                 ram_budget_mb: float = 4000.0, batch_size: int | None = None, patience: int | None = None):
         self.dataset_name = resolve_dataset_name(dataset)
         self.pp_folder = preprocessed_folder() / self.dataset_name
         self.plans = load_plans(self.dataset_name)
@@ -79,9 +81,16 @@ class Trainer:
         self.num_epochs = int(epochs or self.config["num_epochs"])
         self.iterations = int(iterations_per_epoch or self.config["iterations_per_epoch"])
         self.num_labeled_cases = num_labeled_cases
+        # early stopping: epochs without a new best moving-average pseudo-Dice before training stops (0: never)
+        self.patience = int(patience if patience is not None else
+                            self.config.get("early_stopping_patience", DEFAULT_PATIENCE))
         self.device = resolve_device(device)
         self.use_cache = self.config["cache_embeddings"] if use_cache is None else use_cache
         self.takes_images = self.head_name in IMAGE_MODELS
+        self.hybrid = self.head_name in HYBRID_HEADS
+        if self.hybrid and not self.use_cache:
+            raise SamunetError(f"--head {self.head_name} reads the cached embeddings; this configuration (or "
+                               "--no_cache) does not cache them")
         if self.takes_images:
             if use_cache:
                 raise SamunetError(f"--head {self.head_name} is trained on images, not on cached embeddings")
@@ -130,6 +139,8 @@ class Trainer:
         self.n_enc = n_ch if self.config["channel_rule"]["type"] == "encode_each_and_fuse" else 1
         if self.takes_images:
             self._build_unet()
+        elif self.hybrid:
+            self._build_hybrid()
         else:
             self.encoder = build_encoder_for_plans(self.plans, self.config, self.device)
             self.head = build_head(self.head_name, self.encoder, self.num_classes,
@@ -146,8 +157,10 @@ class Trainer:
         data_dir = self.pp_folder / self.config["data_identifier"]
         if self.use_cache:
             self.cache.build(sorted(set(self.train_ids) | set(self.val_ids)), self.encoder, self.ram_budget_mb)
-            self.train_data = CachedData(self.cache, self.train_ids, self.num_classes)
-            self.val_data = CachedData(self.cache, self.val_ids, self.num_classes)
+            canvas = self.hybrid_architecture["canvas_size"] if self.hybrid else None
+            warp = WarpParams() if self.hybrid else None
+            self.train_data = CachedData(self.cache, self.train_ids, self.num_classes, canvas, warp)
+            self.val_data = CachedData(self.cache, self.val_ids, self.num_classes, canvas)
         else:
             self.train_data = OnTheFlyData(data_dir, self.train_ids, self.config, self.label_values, augment=True)
             self.val_data = OnTheFlyData(data_dir, self.val_ids, self.config, self.label_values, augment=False)
@@ -170,9 +183,27 @@ class Trainer:
         self.optimizer = torch.optim.SGD(self.head.parameters(), lr=self.initial_lr, momentum=0.99, nesterov=True,
                                          weight_decay=3e-5)
 
+    def _build_hybrid(self) -> None:
+        """The hybrid head: a U-Net on the slice at the data's resolution fed the frozen embedding; nnU-Net's SGD."""
+        from samunet.models.hybrid import build_hybrid, hybrid_block
+        from samunet.planning.planner import INITIAL_LR
+        arch = self.config.get("hybrid")
+        if arch is None:  # plans written before the planner had a hybrid block: the same rule, applied here
+            arch = hybrid_block(self.config)
+            logger.info("the plans have no 'hybrid' block; using the planner's rule (canvas %d px)",
+                        arch["canvas_size"])
+        self.hybrid_architecture = {k: v for k, v in arch.items() if not k.endswith("reason")}
+        self.encoder = build_encoder_for_plans(self.plans, self.config, self.device)
+        self.head = build_hybrid(self.hybrid_architecture, self.encoder, self.num_classes,
+                                 in_channels_multiplier=self.n_enc).to(self.device)
+        self.initial_lr = float(self.config["initial_lr"].get("hybrid", INITIAL_LR["hybrid"]))
+        self.optimizer = torch.optim.SGD(self.head.parameters(), lr=self.initial_lr, momentum=0.99, nesterov=True,
+                                         weight_decay=3e-5)
+
     # ----------------------------------------------------------------- checkpoints
     def _state(self) -> dict:
-        extra = {"unet_architecture": self.unet_architecture} if self.takes_images else {}
+        extra = {"unet_architecture": self.unet_architecture} if self.takes_images else \
+            {"hybrid_architecture": self.hybrid_architecture} if self.hybrid else {}
         return {**self._expected(), **extra, "trainer": self.trainer, "num_classes": self.num_classes,
                 "label_values": self.label_values, "in_channels_multiplier": self.n_enc,
                 "head_state": self.head.state_dict(), "optimizer_state": self.optimizer.state_dict(),
@@ -180,7 +211,8 @@ class Trainer:
                 "iterations_per_epoch": self.iterations, "batch_size": self.batch_size, "seed": self.seed,
                 "log": self.log, "best_ema": self.best_ema, "train_cases": self.train_ids,
                 "use_cache": bool(self.use_cache),
-                # in-plane axes mirrored by the training augmentation (none on cached embeddings): prediction
+                # in-plane axes mirrored by the training augmentation (none on cached embeddings, whose mirrored
+                # views are not cached): prediction
                 # mirrors only along these, since a model never shown mirrored inputs may swap left/right labels
                 "mirroring_axes": [] if self.use_cache else [0, 1]}
 
@@ -198,8 +230,14 @@ class Trainer:
         self.best_ema = float(state["best_ema"])
 
     # ----------------------------------------------------------------- steps
+    def _inputs(self, batch: dict) -> tuple:
+        """The model's arguments: embeddings for a head, images for the U-Net, both for the hybrid head."""
+        if self.hybrid:
+            return self._embed(batch), batch["images"].to(self.device, non_blocking=True)
+        return (self._embed(batch),)
+
     def _embed(self, batch: dict) -> torch.Tensor:
-        """The model's input: embeddings for a head, the encoder-input images themselves for the U-Net."""
+        """Embeddings for a head, the encoder-input images themselves for the U-Net."""
         if self.takes_images:
             x = batch["images"].to(self.device)  # (B, n_enc, 3, P, P)
             return x.reshape(x.shape[0], -1, *x.shape[3:])
@@ -224,12 +262,12 @@ class Trainer:
         losses = []
         batches = BackgroundBatches(self.train_data, self.iterations, self.batch_size, self.seed, self.epoch)
         for batch in tqdm(batches, total=self.iterations, desc=f"epoch {self.epoch}", leave=False):
-            emb = self._embed(batch)
+            emb, *rest = self._inputs(batch)
             if self.use_cache:  # feature-space regularisation, valid on cached embeddings
                 emb = F.dropout2d(emb, 0.1) + 0.05 * emb.std() * torch.randn_like(emb)
             target = batch["target"].to(self.device)
             with self._autocast():
-                loss = dice_ce_loss(self.head(emb), target)
+                loss = dice_ce_loss(self.head(emb, *rest), target)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
@@ -248,7 +286,7 @@ class Trainer:
         for i in range(0, len(self.val_rows), self.batch_size):
             batch = self.val_data.batch(self.val_rows[i:i + self.batch_size])
             with self._autocast():
-                logits = self.head(self._embed(batch))
+                logits = self.head(*self._inputs(batch))
             target = batch["target"].to(self.device)
             losses.append(dice_ce_loss(logits, target).item())
             counts += confusion_counts(logits.float().cpu(), target.cpu())
@@ -277,9 +315,10 @@ class Trainer:
         self.text(f"{self.dataset_name} {self.configuration} fold {self.fold}: head {self.head_name}, "
                   f"{len(self.train_ids)} training / {len(self.val_ids)} validation cases, "
                   f"{len(self.train_data)} training inputs ({self._input_kind()}), "
-                  f"{self.num_epochs} epochs x {self.iterations} iterations x batch {self.batch_size}, "
+                  f"at most {self.num_epochs} epochs x {self.iterations} iterations x batch {self.batch_size} "
+                  f"({self._stopping_rule()}), "
                   f"device {self.device}")
-        while self.epoch < self.num_epochs:
+        while self.epoch < self.num_epochs and not self._plateaued():
             t0 = time.time()
             train_loss = self.train_epoch()
             val_loss, dice = self.validate_epoch()
@@ -300,10 +339,28 @@ class Trainer:
             self.text(f"epoch {self.epoch - 1}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, pseudo Dice "
                       f"{[round(d, 4) for d in dice]}, moving average {ema:.4f}"
                       f"{' (new best)' if improved else ''}, {self.log['epoch_time'][-1]:.1f} s")
+        if self._plateaued():
+            best = int(np.argmax(self.log["ema_dice"]))
+            self.log["stopped_early_after_epoch"] = self.epoch
+            self.text(f"early stopping: the moving average of the pseudo-Dice has not improved for {self.patience} "
+                      f"epochs (best {self.best_ema:.4f} after epoch {best}); stopped after {self.epoch} of at most "
+                      f"{self.num_epochs} epochs ({self.epoch * self.iterations} iterations)")
         self.save("checkpoint_final.pth")
         if latest.is_file():
             latest.unlink()
         return self.log
+
+    def _stopping_rule(self) -> str:
+        if self.patience <= 0:
+            return "no early stopping"
+        return f"early stopping after {self.patience} epochs without a new best moving-average pseudo-Dice"
+
+    def _plateaued(self) -> bool:
+        """True once the moving average of the validation pseudo-Dice has not improved for ``patience`` epochs."""
+        ema = self.log["ema_dice"]
+        if self.patience <= 0 or not ema:
+            return False
+        return len(ema) - 1 - int(np.argmax(ema)) >= self.patience
 
     def _input_kind(self) -> str:
         if self.takes_images:
@@ -320,7 +377,8 @@ class Trainer:
                    "fold": str(self.fold), "num_epochs": self.num_epochs, "iterations_per_epoch": self.iterations,
                    "batch_size": self.batch_size, "num_labeled_cases": self.num_labeled_cases,
                    "train_cases": self.train_ids, "val_cases": self.val_ids, "use_cache": bool(self.use_cache),
-                   "device": str(self.device), "seed": self.seed, "initial_lr": self.initial_lr},
+                   "device": str(self.device), "seed": self.seed, "initial_lr": self.initial_lr,
+                   "early_stopping_patience": self.patience},
                   self.output / "debug.json")
 
     # ----------------------------------------------------------------- final validation
@@ -364,10 +422,11 @@ class Trainer:
 def run_training(dataset, configuration: str, fold, head=None, epochs=None, iterations_per_epoch=None,
                  num_labeled_cases=None, continue_training=False, validation_only=False, device="auto",
                  save_probabilities=False, use_cache=None, checkpoint="checkpoint_final.pth",
-                 batch_size=None) -> Trainer:
+                 batch_size=None, patience=None) -> Trainer:
     """Train one fold (or, with ``validation_only``, only rerun its final validation)."""
     t = Trainer(dataset, configuration, fold, head=head, epochs=epochs, iterations_per_epoch=iterations_per_epoch,
-                num_labeled_cases=num_labeled_cases, device=device, use_cache=use_cache, batch_size=batch_size)
+                num_labeled_cases=num_labeled_cases, device=device, use_cache=use_cache, batch_size=batch_size,
+                patience=patience)
     if not validation_only:
         t.run(continue_training)
     t.final_validation(checkpoint, save_probabilities)
