@@ -13,7 +13,7 @@ from samunet.planning.fingerprint import compute_fingerprint
 from samunet.planning.plans import get_configuration, load_plans, plans_file
 from samunet.planning.planner import PLANS_NAME, plan_experiment
 from samunet.preprocessing.preprocessor import preprocess_cases
-from samunet.utils import SamunetError, load_json, save_json
+from samunet.utils import SamunetError, load_json, save_json, temp_path
 
 logger = logging.getLogger("samunet")
 
@@ -85,7 +85,7 @@ def preprocess(dataset, configurations: list[str] | None = None, num_processes: 
     for c in cases:
         target = gt / c.label_file.name
         if not target.is_file():
-            tmp = gt / f".{c.label_file.name}.tmp"
+            tmp = temp_path(target)
             shutil.copyfile(c.label_file, tmp)
             tmp.replace(target)
     done: dict[str, list[str]] = {}

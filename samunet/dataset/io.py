@@ -13,6 +13,7 @@ RGB(A)-free natural images with several colour channels yield several channels f
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -158,7 +159,7 @@ def write_seg(seg: np.ndarray, props: dict, path: str | Path) -> None:
         img.SetDirection(props["direction"])
     path.parent.mkdir(parents=True, exist_ok=True)
     # write next to the target, then rename, so a killed run never leaves half a file under the final name
-    tmp = path.with_name(f".{path.name}.partial{_ending(path)}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.partial{_ending(path)}")
     try:
         sitk.WriteImage(img, str(tmp), True)
         tmp.replace(path)

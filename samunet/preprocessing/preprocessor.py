@@ -23,7 +23,8 @@ from samunet.dataset.io import geometry_mismatch, read_images, read_seg
 from samunet.preprocessing.cropping import crop_to_nonzero, paste_into
 from samunet.preprocessing.normalization import normalise
 from samunet.preprocessing.resampling import new_inplane_shape, resample_data, resample_probabilities, resample_seg
-from samunet.utils import SamunetError, atomic_save_npy, load_json, save_json, single_threaded_worker
+from samunet.utils import (SamunetError, atomic_save_npy, load_json, save_json, single_threaded_worker,
+                           sweep_stale_temps)
 
 logger = logging.getLogger("samunet")
 
@@ -121,8 +122,7 @@ def preprocess_cases(cases, config: dict, label_values, out_dir: Path, num_proce
     Cases that fail are reported together at the end; the others are still written.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(".*.tmp"):  # left by a run that was killed while writing
-        stale.unlink()
+    sweep_stale_temps(out_dir)  # left by a run that was killed while writing; a running one's files are kept
     todo = [c for c in cases if not case_is_done(out_dir, c.identifier, config["preprocessing_identity"],
                                                   c.label_file is not None)]
     skipped = len(cases) - len(todo)
