@@ -139,7 +139,8 @@ def test_7_undeclared_label_and_shape_mismatch_are_named_without_verify(hippo3, 
     sitk.WriteImage(img, str(f), True)
     err = _refused(_plan(), f"{a}.nii.gz: label value(s) [3] not declared in dataset.json (declared: [0, 1, 2])",
                    f"{b}.nii.gz: geometry differs from image {b}_0000.nii.gz (shape",
-                   f"{c}.nii.gz: geometry differs from image {c}_0000.nii.gz (spacing (1.0, 1.0, 1.0) vs (1.0, 1.5, 1.0))")
+                   f"{c}.nii.gz: geometry differs from image {c}_0000.nii.gz "
+                   "(spacing (1.0, 1.0, 1.0) vs (1.0, 1.5, 1.0))")
     assert "3 problem(s)" in err
     _nothing_in(samunet_dirs["samunet_preprocessed"])
 
@@ -311,3 +312,16 @@ def test_11_a_second_run_of_the_same_fold_is_refused_and_a_dead_run_does_not_blo
     with RunLock(fold):  # the killed holder's lock is gone with its process
         pass
     assert not (fold / ".run.lock").exists()
+
+
+def test_also_messages_print_plain_numbers(tmp_path):
+    from samunet.evaluation.evaluate import evaluate_case
+    case = hippo_cases(1)[0]
+    ref = HIPPO / "labelsTr" / f"{case}.nii.gz"
+    img = sitk.ReadImage(str(ref))
+    img.SetSpacing((1.0, 1.0, 2.0))
+    pred = tmp_path / f"{case}.nii.gz"
+    sitk.WriteImage(img, str(pred), True)
+    with pytest.raises(SamunetError) as e:
+        evaluate_case(ref, pred, [1, 2])
+    assert "spacing (2.0, 1.0, 1.0) does not match" in str(e.value) and "np.float64" not in str(e.value)

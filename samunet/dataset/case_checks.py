@@ -74,8 +74,9 @@ def dataset_geometry_problems(cases: list[dict]) -> list[str]:
         for a in axes:
             ratio = sp[a] / median[a] if median[a] > 0 else np.inf
             if not (1 / MAX_SPACING_RATIO <= ratio <= MAX_SPACING_RATIO):
-                problems.append(f"{c['file']}: spacing {tuple(float(x) for x in sp)} mm is {ratio:.3g} times the "
-                                f"data set's median {float(median[a]):g} mm on axis {a} (allowed: within a factor "
-                                f"{MAX_SPACING_RATIO:g}); check the file's header")
+                problems.append(f"{c['file']}: spacing {tuple(float(x) for x in sp)} mm is "
+                                f"{round(float(ratio), 3):g} times the data set's median {float(median[a]):g} mm "
+                                f"on axis {a} (allowed: within a factor {MAX_SPACING_RATIO:g}); check the file's "
+                                "header")
                 break
     return problems

@@ -24,18 +24,20 @@ def resampled_gb(shape_t, spacing_t, target_inplane, channels: int) -> tuple[lis
     return shape, COPIES * 4 * channels * float(np.prod(shape, dtype=np.float64)) / 1e9
 
 
-def resampling_problem(file, shape_t, spacing_t, target_inplane, channels: int, memory_gb: float | None) -> str | None:
+def resampling_problem(file, shape_t, spacing_t, target_inplane, channels: int,
+                       memory_gb: float | None) -> str | None:
     """A message naming ``file`` when its resampling is implausible or too large, else None."""
     for s, t in zip(spacing_t[1:], target_inplane):
         zoom = float(s) / float(t)
         if not (1 / MAX_ZOOM <= zoom <= MAX_ZOOM):
             shape, _ = resampled_gb(shape_t, spacing_t, target_inplane, channels)
-            return (f"{file}: in-plane spacing {tuple(float(x) for x in spacing_t[1:])} mm is {zoom:.3g} times the "
-                    f"plans' target spacing {tuple(float(x) for x in target_inplane)} mm (allowed: within a factor "
+            target = tuple(float(x) for x in target_inplane)
+            return (f"{file}: in-plane spacing {tuple(float(x) for x in spacing_t[1:])} mm is "
+                    f"{round(zoom, 3):g} times the plans' target spacing {target} mm (allowed: within a factor "
                     f"{MAX_ZOOM:g}); resampled, the case would be {' x '.join(map(str, shape))} voxels. Check the "
-                    f"file's header")
+                    "file's header")
     shape, gb = resampled_gb(shape_t, spacing_t, target_inplane, channels)
     if memory_gb is not None and gb > memory_gb:
         return (f"{file}: resampled to {' x '.join(map(str, shape))} voxels, preprocessing would need about "
-                f"{gb:.1f} GB, more than the memory budget of {memory_gb:g} GB (samunet_plan_experiment --memory_gb)")
+                f"{gb:.2g} GB, more than the memory budget of {memory_gb:g} GB (samunet_plan_experiment --memory_gb)")
     return None
