@@ -5,8 +5,6 @@ import logging
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
-
 from samunet.dataset.dataset_json import Case, DatasetInfo, list_cases, load_dataset_json, stray_files
 from samunet.dataset.case_checks import dataset_geometry_problems, image_problems, label_problems
 from samunet.dataset.io import check_file_ending, read_images, read_seg
