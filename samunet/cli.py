@@ -29,6 +29,11 @@ def _entry(func):
         except SamunetError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
+        except OSError as e:  # a folder that cannot be written, a disk that is full, ...: name the file, no traceback
+            where = e.filename if e.filename is not None else "(file system)"
+            print(f"error: {where}: {e.strerror or e} ({type(e).__name__}); nothing more was written",
+                  file=sys.stderr)
+            sys.exit(1)
         except KeyboardInterrupt:
             print("interrupted; finished work is kept and the next run resumes", file=sys.stderr)
             sys.exit(130)

@@ -47,13 +47,15 @@ def results_folder() -> Path:
     return _folder("samunet_results")
 
 
-_NAME_RE = re.compile(r"^Dataset(\d{3})_(.+)$")
+# a plain folder name: no separators and no '..', so a data set name can never point outside the samunet folders
+_NAME_RE = re.compile(r"^Dataset(\d{3})_([A-Za-z0-9][A-Za-z0-9_.-]*)$")
 
 
 def dataset_id_from_name(name: str) -> int:
     m = _NAME_RE.match(name)
-    if not m:
-        raise SamunetError(f"'{name}' is not a data set name of the form DatasetXXX_Name (XXX three digits)")
+    if not m or ".." in name:
+        raise SamunetError(f"'{name}': not a plain data set name DatasetXXX_Name (XXX three digits; the name only "
+                           "letters, digits, '_', '-' and '.', no folder separators or '..')")
     return int(m.group(1))
 
 

@@ -13,7 +13,8 @@ from samunet.planning.fingerprint import compute_fingerprint
 from samunet.planning.plans import get_configuration, load_plans, plans_file
 from samunet.planning.planner import PLANS_NAME, plan_experiment
 from samunet.preprocessing.preprocessor import preprocess_cases
-from samunet.utils import SamunetError, load_json, save_json
+from samunet.preprocessing.size_checks import resampling_problem
+from samunet.utils import SamunetError, check_writable_folder, load_json, save_json, temp_path
 
 logger = logging.getLogger("samunet")
 
@@ -33,11 +34,11 @@ def extract_fingerprint(dataset, num_processes: int = 2, verify: bool = False, c
     An existing fingerprint is reused unless ``clean``.
     """
     name, folder = _raw_dataset_folder(dataset)
+    out = check_writable_folder(preprocessed_folder() / name, "samunet_preprocessed")
     if verify:
         verify_dataset_integrity(folder, num_processes)
     else:
         load_dataset_json(folder)
-    out = preprocessed_folder() / name
     fp_file = out / "dataset_fingerprint.json"
     if fp_file.is_file() and not clean:
         logger.info("using the existing fingerprint %s (pass --clean to recompute it)", fp_file)
@@ -70,6 +71,27 @@ def plan(dataset, encoder: str = "lite_medsam", checkpoint: str | None = None, m
     return plans
 
 
+def _check_sizes(plans: dict, fingerprint: dict, configurations, memory_gb, files: dict) -> None:
+    """Refuse, before any case is preprocessed, cases whose resampling the fingerprint shows would not fit."""
+    if "spacings" not in fingerprint:
+        return
+    problems = []
+    idents = fingerprint.get("case_identifiers", [])
+    for cname in configurations or list(plans["configurations"]):
+        cfg = get_configuration(plans, cname)
+        t = cfg["transpose_forward"]
+        for i, (sp, sh) in enumerate(zip(fingerprint["spacings"], fingerprint["shapes_after_crop"])):
+            ident = idents[i] if i < len(idents) else str(i)
+            p = resampling_problem(files.get(ident, f"case {ident}"), [sh[a] for a in t],
+                                   [sp[a] for a in t], cfg["target_spacing_inplane"], fingerprint["num_channels"],
+                                   memory_gb)
+            if p and p not in problems:
+                problems.append(p)
+    if problems:
+        raise SamunetError(f"{len(problems)} case(s) cannot be preprocessed, nothing was written:\n  - "
+                           + "\n  - ".join(problems))
+
+
 def preprocess(dataset, configurations: list[str] | None = None, num_processes: int = 2) -> dict[str, list[str]]:
     """Preprocess the training cases for each configuration (configurations sharing data are done once)."""
     name, folder = _raw_dataset_folder(dataset)
@@ -79,13 +101,17 @@ def preprocess(dataset, configurations: list[str] | None = None, num_processes: 
     missing = [str(c.label_file) for c in cases if not c.label_file.is_file()]
     if missing:
         raise SamunetError("label file(s) missing: " + ", ".join(missing))
-    out = preprocessed_folder() / name
+    out = check_writable_folder(preprocessed_folder() / name, "samunet_preprocessed")
+    fingerprint = load_json(out / "dataset_fingerprint.json") if (out / "dataset_fingerprint.json").is_file() else {}
+    dims = fingerprint["dims"][0] if len(fingerprint.get("dims", [])) == 1 else None
+    memory_gb = plans.get("budgets", {}).get("memory_gb")
+    _check_sizes(plans, fingerprint, configurations, memory_gb, {c.identifier: c.image_files[0] for c in cases})
     gt = out / "gt_segmentations"
     gt.mkdir(parents=True, exist_ok=True)
     for c in cases:
         target = gt / c.label_file.name
         if not target.is_file():
-            tmp = gt / f".{c.label_file.name}.tmp"
+            tmp = temp_path(target)
             shutil.copyfile(c.label_file, tmp)
             tmp.replace(target)
     done: dict[str, list[str]] = {}
@@ -98,7 +124,8 @@ def preprocess(dataset, configurations: list[str] | None = None, num_processes: 
             continue
         seen.add(key)
         done[cname] = preprocess_cases(cases, cfg, plans["label_values"], out / cfg["data_identifier"],
-                                       num_processes, desc=f"preprocess {name} {cname}")
+                                       num_processes, desc=f"preprocess {name} {cname}", dims=dims,
+                                       memory_gb=memory_gb)
     return done
 
 

@@ -5,7 +5,10 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +31,74 @@ def _json_default(o: Any):
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
+# temporary files are named ``.<name>.<pid>-<random>@<host>.tmp``: unique per writer, so two processes writing the
+# same file never share one, and a sweep can tell a dead writer's leftovers from a running writer's file
+_TEMP_RE = re.compile(r"^\..+\.(\d+)-[A-Za-z0-9_]+@(.+)\.tmp$")
+STALE_FOREIGN_TEMP_S = 24 * 3600
+
+
+def _temp_parts(name: str) -> tuple[str, str]:
+    return f".{name}.{os.getpid()}-", f"@{socket.gethostname()}.tmp"
+
+
+def temp_path(path: str | os.PathLike) -> Path:
+    """A fresh, unique temporary name beside ``path`` (the file is not created)."""
+    path = Path(path)
+    prefix, suffix = _temp_parts(path.name)
+    return path.with_name(f"{prefix}{os.urandom(4).hex()}{suffix}")
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_temps(folder: str | os.PathLike) -> int:
+    """Remove temporary files left by writers that died (this host: the process is gone; another host: a day old).
+    Files of running writers are kept. Returns the number removed."""
+    removed = 0
+    for p in Path(folder).glob(".*.tmp"):
+        m = _TEMP_RE.match(p.name)
+        try:
+            if m and m.group(2) == socket.gethostname():
+                stale = not process_alive(int(m.group(1)))
+            else:  # another host, or a name from an older samunet
+                stale = time.time() - p.stat().st_mtime > (STALE_FOREIGN_TEMP_S if m else 3600)
+            if stale:
+                p.unlink()
+                removed += 1
+        except FileNotFoundError:  # its writer renamed or removed it meanwhile
+            pass
+    return removed
+
+
+def check_writable_folder(path: str | os.PathLike, what: str) -> Path:
+    """Refuse, before any work, a folder that cannot be created or written (nothing is created here)."""
+    path = Path(path)
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "" if probe == path else f" ({probe} is a file)"
+        raise SamunetError(f"{path}: {what} must be a folder, but it is or lies under a regular file{where}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise SamunetError(f"{path}: {what} cannot be written (no write permission on {probe})")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike):
     """Open a temporary file beside ``path`` for binary writing; on success it is synced and renamed to ``path``,
     on failure removed. Readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    prefix, suffix = _temp_parts(path.name)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f

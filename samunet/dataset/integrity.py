@@ -5,27 +5,28 @@ import logging
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
-
 from samunet.dataset.dataset_json import Case, DatasetInfo, list_cases, load_dataset_json, stray_files
-from samunet.dataset.io import check_file_ending, geometry_mismatch, read_images, read_seg
+from samunet.dataset.case_checks import dataset_geometry_problems, image_problems, label_problems
+from samunet.dataset.io import check_file_ending, read_images, read_seg
 from samunet.utils import SamunetError, single_threaded_worker
 
 logger = logging.getLogger("samunet")
 
 
-def _check_case(case: Case, info: DatasetInfo) -> list[str]:
+def _check_case(case: Case, info: DatasetInfo) -> tuple[list[str], dict | None]:
+    """The case's problems, and its geometry (file, dims, spacing) when its images could be read."""
     problems: list[str] = []
     expected = list(range(len(case.image_files)))
     if case.channel_indices != expected:
         missing = sorted(set(range(max(case.channel_indices) + 1)) - set(case.channel_indices))
         names = ", ".join(f"{case.identifier}_{i:04d}{info.file_ending}" for i in missing)
         problems.append(f"case {case.identifier}: channel file(s) missing: {names}")
-        return problems
+        return problems, None
     try:
         data, props = read_images(case.image_files)
     except SamunetError as e:
-        return [f"case {case.identifier}: {e}"]
+        return [f"case {case.identifier}: {e}"], None
+    geometry = {"file": str(case.image_files[0]), "dims": props["dims"], "spacing": props["spacing"]}
     if data.shape[0] != info.num_channels:
         msg = (f"case {case.identifier}: {data.shape[0]} channel(s) in "
                f"{', '.join(Path(f).name for f in case.image_files)}, but dataset.json declares "
@@ -34,30 +35,18 @@ def _check_case(case: Case, info: DatasetInfo) -> list[str]:
             missing = range(len(case.image_files), info.num_channels)
             msg += "; missing " + ", ".join(f"{case.identifier}_{i:04d}{info.file_ending}" for i in missing)
         problems.append(msg)
-    bad = ~np.isfinite(data)
-    if bad.any():
-        per_channel = bad.reshape(data.shape[0], -1).sum(1)
-        for c, n in enumerate(per_channel):
-            if n:
-                problems.append(f"{props['files'][min(c, len(props['files']) - 1)]}: {int(n)} NaN/Inf voxel(s) "
-                                f"in channel {c}")
+    problems.extend(image_problems(data, props))
     if case.label_file is None or not case.label_file.is_file():
-        problems.append(f"case {case.identifier}: label file {case.label_file} not found")
-        return problems
+        problems.append(f"case {case.identifier}: label file {case.label_file} "
+                        + ("is a folder" if case.label_file is not None and case.label_file.is_dir() else "not found"))
+        return problems, geometry
     try:
         seg, seg_props = read_seg(case.label_file)
     except SamunetError as e:
         problems.append(str(e))
-        return problems
-    mismatch = geometry_mismatch(props, seg_props)
-    if mismatch:
-        problems.append(f"{case.label_file}: geometry differs from image {Path(props['files'][0]).name} ({mismatch})")
-    found = set(np.unique(seg).tolist())
-    undeclared = sorted(found - set(info.label_values))
-    if undeclared:
-        problems.append(f"{case.label_file}: label value(s) {undeclared} not declared in dataset.json "
-                        f"(declared: {info.label_values})")
-    return problems
+        return problems, geometry
+    problems.extend(label_problems(data, props, seg, seg_props, case.label_file, info.label_values))
+    return problems, geometry
 
 
 def verify_dataset_integrity(dataset_folder: str | Path, num_processes: int = 1) -> None:
@@ -88,8 +77,9 @@ def verify_dataset_integrity(dataset_folder: str | Path, num_processes: int = 1)
             results = list(ex.map(_check_case, cases, [info] * len(cases), chunksize=4))
     else:
         results = [_check_case(c, info) for c in cases]
-    for r in results:
+    for r, _ in results:
         problems.extend(r)
+    problems.extend(dataset_geometry_problems([g for _, g in results if g is not None]))
     images_ts = folder / "imagesTs"
     if images_ts.is_dir():
         for p in stray_files(images_ts, info.file_ending):

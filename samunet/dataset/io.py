@@ -13,11 +13,13 @@ RGB(A)-free natural images with several colour channels yield several channels f
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
+from samunet.dataset.completeness import check_complete
 from samunet.utils import SamunetError
 
 NATURAL_2D_ENDINGS = (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg")
@@ -39,8 +41,11 @@ def check_file_ending(file_ending: str) -> None:
 
 
 def _read_sitk(path: Path) -> sitk.Image:
+    if path.is_dir():
+        raise SamunetError(f"{path}: is a folder, not an image file")
     if not path.is_file():
         raise SamunetError(f"{path}: file not found")
+    check_complete(path)
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as e:
@@ -124,9 +129,14 @@ def read_seg(path: str | Path) -> tuple[np.ndarray, dict]:
             raise SamunetError(f"{path}: label map contains non-integer values")
         arr = rounded
     if arr.min() < 0 or arr.max() > 32767:
-        raise SamunetError(f"{path}: label values must lie in 0..32767, found {arr.min()}..{arr.max()}")
+        raise SamunetError(f"{path}: label values must lie in 0..32767, found {arr.min().item()}..{arr.max().item()}")
     props["files"] = [str(path)]
     return arr.astype(np.int16), props
+
+
+def _numbers(values) -> tuple:
+    """Plain Python numbers for messages: ``(1.0, -1.0)``, not ``(np.float64(1.0), np.float64(-1.0))``."""
+    return tuple(float(v) for v in np.round(np.asarray(values, float), 4))
 
 
 def geometry_mismatch(a: dict, b: dict, rtol: float = 1e-3, atol: float = 1e-3) -> str | None:
@@ -136,7 +146,7 @@ def geometry_mismatch(a: dict, b: dict, rtol: float = 1e-3, atol: float = 1e-3) 
     for key in ("spacing", "origin", "direction"):
         va, vb = np.asarray(a[key], float), np.asarray(b[key], float)
         if va.shape != vb.shape or not np.allclose(va, vb, rtol=rtol, atol=atol):
-            return f"{key} {tuple(np.round(va, 4))} vs {tuple(np.round(vb, 4))}"
+            return f"{key} {_numbers(va)} vs {_numbers(vb)}"
     return None
 
 
@@ -158,7 +168,7 @@ def write_seg(seg: np.ndarray, props: dict, path: str | Path) -> None:
         img.SetDirection(props["direction"])
     path.parent.mkdir(parents=True, exist_ok=True)
     # write next to the target, then rename, so a killed run never leaves half a file under the final name
-    tmp = path.with_name(f".{path.name}.partial{_ending(path)}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.partial{_ending(path)}")
     try:
         sitk.WriteImage(img, str(tmp), True)
         tmp.replace(path)

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import logging
 import shutil
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
 from samunet.dataset.io import read_seg, write_seg
-from samunet.utils import SamunetError, load_json, save_json
+from samunet.utils import SamunetError, check_writable_folder, load_json, save_json
 
 logger = logging.getLogger("samunet")
 
@@ -50,6 +52,35 @@ def file_ending_of(folder: Path) -> str:
     raise SamunetError(f"{meta_folder}: dataset.json / plans.json name no file_ending")
 
 
+_NPZ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
+def probabilities_header(path: Path) -> tuple:
+    """Shape of the ``probabilities`` array in ``CASE.npz``, read from its header; refuses anything else."""
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open("probabilities.npy") as member:
+            version = np.lib.format.read_magic(member)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(member)
+    except _NPZ_ERRORS as e:
+        raise SamunetError(f"{path}: not a readable probabilities file (truncated or corrupt .npz, or no "
+                           f"'probabilities' array: {type(e).__name__}: {e})") from None
+    if dtype.hasobject or dtype.kind != "f" or len(shape) < 2:
+        raise SamunetError(f"{path}: 'probabilities' must be a float array (classes, ...), found dtype {dtype} "
+                           f"of shape {tuple(shape)}; samunet never loads object arrays")
+    return tuple(shape)
+
+
+def load_probabilities(path: Path) -> np.ndarray:
+    probabilities_header(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return z["probabilities"].astype(np.float32)
+    except _NPZ_ERRORS as e:
+        raise SamunetError(f"{path}: not a readable probabilities file (truncated or corrupt .npz: "
+                           f"{type(e).__name__}: {e})") from None
+
+
 def ensemble_folders(input_folders, output_folder, file_ending: str | None = None) -> list[str]:
     folders = [Path(f) for f in input_folders]
     if len(folders) < 2:
@@ -63,7 +94,17 @@ def ensemble_folders(input_folders, output_folder, file_ending: str | None = Non
     cases = sorted(set.intersection(*[{p.name[:-4] for p in f.glob("*.npz")} for f in folders]))
     if not cases:
         raise SamunetError("the folders have no CASE.npz probabilities in common; predict with --save_probabilities")
-    out = Path(output_folder)
+    # every input is opened (header only) before anything is written, so a bad file stops the run up front
+    for case in cases:
+        shapes = [(f / f"{case}.npz", probabilities_header(f / f"{case}.npz")) for f in folders]
+        for path, shape in shapes[1:]:
+            if shape != shapes[0][1]:
+                raise SamunetError(f"{path}: probabilities of shape {shape} do not match {shapes[0][0]} "
+                                   f"({shapes[0][1]})")
+        if not (folders[0] / f"{case}{file_ending}").is_file():
+            raise SamunetError(f"{folders[0] / (case + file_ending)}: label file missing; it supplies the geometry "
+                               f"of case {case}")
+    out = check_writable_folder(output_folder, "the output folder (-o)")
     out.mkdir(parents=True, exist_ok=True)
     for name in ("dataset.json", "plans.json"):
         if (meta_folder / name).is_file():
@@ -71,11 +112,7 @@ def ensemble_folders(input_folders, output_folder, file_ending: str | None = Non
     for case in cases:
         probs = None
         for f in folders:
-            with np.load(f / f"{case}.npz") as z:
-                p = z["probabilities"].astype(np.float32)
-            if probs is not None and p.shape != probs.shape:
-                raise SamunetError(f"{f / (case + '.npz')}: probabilities of shape {p.shape} do not match "
-                                   f"{folders[0] / (case + '.npz')} ({probs.shape})")
+            p = load_probabilities(f / f"{case}.npz")
             probs = p if probs is None else probs + p
         ref_file = folders[0] / f"{case}{file_ending}"
         if not ref_file.is_file():

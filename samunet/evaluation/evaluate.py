@@ -45,13 +45,14 @@ def evaluate_case(reference_file: str | Path, prediction_file: str | Path, label
                            f"{reference_file} with shape {tuple(ref.shape)}")
     sp_ref, sp_pred = np.asarray(ref_props["spacing"], float), np.asarray(pred_props["spacing"], float)
     if not np.allclose(sp_ref, sp_pred, rtol=1e-3, atol=1e-3):
-        raise SamunetError(f"{prediction_file}: spacing {tuple(sp_pred)} does not match the reference "
-                           f"{reference_file} with spacing {tuple(sp_ref)}")
+        raise SamunetError(f"{prediction_file}: spacing {tuple(sp_pred.tolist())} does not match the reference "
+                           f"{reference_file} with spacing {tuple(sp_ref.tolist())}")
     for key in ("origin", "direction"):
         a, b = np.asarray(ref_props[key], float), np.asarray(pred_props[key], float)
         if a.shape != b.shape or not np.allclose(a, b, rtol=1e-3, atol=1e-3):
             log.warning("%s: %s %s differs from the reference %s (%s); evaluating voxel by voxel anyway",
-                        prediction_file, key, tuple(np.round(b, 4)), reference_file, tuple(np.round(a, 4)))
+                        prediction_file, key, tuple(np.round(b, 4).tolist()), reference_file,
+                        tuple(np.round(a, 4).tolist()))
     metrics = compute_metrics(ref, pred, labels, sp_ref, nsd_tolerance_mm, ignore_label)
     return {"prediction_file": str(prediction_file), "reference_file": str(reference_file), "metrics": metrics}
 

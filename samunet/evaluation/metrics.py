@@ -53,9 +53,9 @@ def _spacing_for(shape: tuple[int, ...], spacing: Sequence[float] | None) -> np.
         return np.ones(len(shape), float)
     sp = np.asarray(spacing, float)
     if sp.shape != (len(shape),):
-        raise SamunetError(f"spacing {tuple(sp)} does not match an array with {len(shape)} axes")
+        raise SamunetError(f"spacing {tuple(sp.tolist())} does not match an array with {len(shape)} axes")
     if not np.all(np.isfinite(sp)) or np.any(sp <= 0):
-        raise SamunetError(f"spacing must be positive and finite, got {tuple(sp)}")
+        raise SamunetError(f"spacing must be positive and finite, got {tuple(sp.tolist())}")
     return sp
 
 

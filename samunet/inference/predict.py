@@ -8,6 +8,7 @@ whose output exists. A case that cannot be predicted is reported by name and the
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from samunet.dataset.io import write_seg
 from samunet.inference.predictor import predict_preprocessed, probabilities_to_segmentation
 from samunet.preprocessing.preprocessor import preprocess_case
 from samunet.training.checkpoint import check_compatible, load_checkpoint
-from samunet.utils import SamunetError, atomic_write_bytes, load_json, save_json
+from samunet.utils import SamunetError, atomic_write_bytes, check_writable_folder, load_json, save_json
 
 logger = logging.getLogger("samunet")
 
@@ -28,6 +29,12 @@ def parse_model_folder(model_dir: Path) -> tuple[str, str, str]:
     if len(parts) != 3:
         raise SamunetError(f"{model_dir}: not a samunet model folder (expected TRAINER__PLANS__CONFIGURATION)")
     return parts[0], parts[1], parts[2]
+
+
+def head_of(trainer: str) -> str:
+    """``samunetTrainer_autosam_n5`` -> ``autosam``."""
+    head = trainer[len("samunetTrainer_"):] if trainer.startswith("samunetTrainer_") else trainer
+    return re.sub(r"_n\d+$", "", head)
 
 
 class EnsemblePredictor:
@@ -42,10 +49,16 @@ class EnsemblePredictor:
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():
             raise SamunetError(f"{self.model_dir}: model folder not found")
-        _, _, self.configuration = parse_model_folder(self.model_dir)
+        self.trainer, _, self.configuration = parse_model_folder(self.model_dir)
         self.plans = load_json(self.model_dir / "plans.json")
         self.dataset_json = load_json(self.model_dir / "dataset.json")
+        if self.configuration not in self.plans.get("configurations", {}):
+            raise SamunetError(f"{self.model_dir / 'plans.json'}: has no configuration '{self.configuration}'")
         self.config = self.plans["configurations"][self.configuration]
+        fingerprint = self.model_dir / "dataset_fingerprint.json"
+        dims = load_json(fingerprint).get("dims", []) if fingerprint.is_file() else []
+        self.dims = dims[0] if len(dims) == 1 else None  # the data set's dimensionality, when known
+        self.memory_gb = self.plans.get("budgets", {}).get("memory_gb")
         self.label_values = self.plans["label_values"]
         self.device = resolve_device(device)
         self.tta = tta
@@ -78,7 +91,10 @@ class EnsemblePredictor:
         for f, state in states.items():
             path = self.model_dir / f"fold_{f}" / checkpoint
             is_image_model = state.get("head") in IMAGE_MODELS
-            check_compatible(state, path, {"configuration": self.configuration,
+            # the same identity training's --c checks, with the head and trainer the folder's name stands for
+            check_compatible(state, path, {"dataset_name": self.plans["dataset_name"],
+                                           "configuration": self.configuration, "head": head_of(self.trainer),
+                                           "trainer": self.trainer, "fold": f,
                                            "encoder_identity": None if is_image_model else identity,
                                            "preprocessing_identity": self.config["preprocessing_identity"]})
             if is_image_model:
@@ -94,7 +110,8 @@ class EnsemblePredictor:
             self.heads.append(head.to(self.device).eval())
 
     def predict_case(self, image_files, output_file: Path, save_probabilities: bool = False) -> None:
-        data, _, props = preprocess_case(image_files, None, self.config, self.label_values)
+        data, _, props = preprocess_case(image_files, None, self.config, self.label_values, self.dims,
+                                         self.memory_gb)
         probs_pp = predict_preprocessed(data, self.config, self.encoder, self.heads, len(self.label_values),
                                         tta=self.tta, batch_size=int(self.config["batch_size"]), device=self.device)
         seg, probs = probabilities_to_segmentation(probs_pp, props, self.label_values)
@@ -111,10 +128,11 @@ def predict_folder(input_folder, output_folder, model_dir, folds=None, checkpoin
                    tta: bool = True, save_probabilities: bool = False, continue_prediction: bool = False,
                    device: str = "auto") -> dict:
     input_folder, output_folder = Path(input_folder), Path(output_folder)
-    predictor = EnsemblePredictor(model_dir, folds, checkpoint, device, tta)
-    ending = predictor.plans["file_ending"]
     if not input_folder.is_dir():
         raise SamunetError(f"{input_folder}: input folder not found")
+    check_writable_folder(output_folder, "the output folder (-o)")
+    predictor = EnsemblePredictor(model_dir, folds, checkpoint, device, tta)
+    ending = predictor.plans["file_ending"]
     cases = list_cases(input_folder, ending)
     stray = stray_files(input_folder, ending)
     if not cases:

@@ -19,6 +19,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from samunet import __version__
+from samunet.dataset.case_checks import dataset_geometry_problems, image_problems, label_problems
 from samunet.dataset.dataset_json import Case, DatasetInfo, load_dataset_json, training_cases
 from samunet.dataset.io import read_images, read_seg
 from samunet.preprocessing.cropping import crop_to_nonzero
@@ -41,8 +42,16 @@ def structure_widths(mask: np.ndarray, spacing) -> np.ndarray:
 
 
 def _case_fingerprint(case: Case, label_values: list[int], n_samples: int, seed: int) -> dict:
-    data, props = read_images(case.image_files)
-    seg, _ = read_seg(case.label_file)
+    """The case's statistics, or ``{"problems": [...]}`` when it breaks a per-case invariant."""
+    try:
+        data, props = read_images(case.image_files)
+        seg, seg_props = read_seg(case.label_file)
+    except SamunetError as e:
+        return {"problems": [str(e)]}
+    problems = image_problems(data, props) + label_problems(data, props, seg, seg_props, case.label_file,
+                                                            label_values)
+    if problems:
+        return {"problems": problems}
     shape_before = list(data.shape[1:])
     data, seg, bbox = crop_to_nonzero(data, seg)
     rng = np.random.default_rng(seed)
@@ -103,6 +112,12 @@ def compute_fingerprint(dataset_folder: str | Path, num_processes: int = 2, seed
             per_case = list(tqdm(ex.map(_case_fingerprint, *args, chunksize=4), total=len(cases), desc=desc))
     else:
         per_case = [_case_fingerprint(*a) for a in tqdm(list(zip(*args)), desc=desc)]
+    problems = [p for pc in per_case for p in pc.get("problems", [])]
+    problems += dataset_geometry_problems([{"file": str(c.image_files[0]), "dims": pc["dims"], "spacing": pc["spacing"]}
+                                           for c, pc in zip(cases, per_case) if "problems" not in pc])
+    if problems:
+        raise SamunetError(f"data set {folder.name}: {len(problems)} problem(s), nothing was written "
+                           "(--verify_dataset_integrity checks everything):\n  - " + "\n  - ".join(problems))
     intensity = {}
     for c in range(info.num_channels):
         values = np.concatenate([pc["foreground_samples"][c] for pc in per_case])

@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 from samunet.preprocessing.encoder_inputs import (encoder_inputs, make_layout, num_encoder_images, slice_images,
                                                   target_inputs)
-from samunet.utils import SamunetError, atomic_save_npy, load_json, save_json, stable_hash
+from samunet.utils import (SamunetError, atomic_save_npy, load_json, save_json, stable_hash, sweep_stale_temps,
+                           temp_path)
 
 logger = logging.getLogger("samunet")
 
@@ -85,8 +86,7 @@ class EmbeddingCache:
         if not todo and (self.folder / "cache_identity.json").is_file():
             return 0
         self.folder.mkdir(parents=True, exist_ok=True)
-        for stale in self.folder.glob(".*.tmp"):
-            stale.unlink()
+        sweep_stale_temps(self.folder)  # only dead writers' files: another run may be encoding into this cache
         save_json({"encoder": self.identity, "configuration": self.config_name,
                    "preprocessing_identity": self.config["preprocessing_identity"], "key": self.key},
                   self.folder / "cache_identity.json")
@@ -117,7 +117,8 @@ class EmbeddingCache:
         spec, p = encoder.spec, self.config["encoder_input_size"]
         e, g, _ = spec.embedding_shape(p)
         # embeddings go straight into a float16 file on disk: a large case never has to fit in RAM
-        tmp = self.folder / f".{ident}_emb.npy.tmp"
+        final = self.folder / f"{ident}_emb.npy"
+        tmp = temp_path(final)  # unique: two runs encoding the same case never write into one file
         emb = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(rows), n_enc * e, g, g))
         targets = []
         pending, pending_rows = [], []
@@ -144,7 +145,7 @@ class EmbeddingCache:
             flush()
         emb.flush()
         del emb
-        tmp.replace(self.folder / f"{ident}_emb.npy")
+        tmp.replace(final)
         tgt = torch.cat(targets).short().numpy() if targets else np.zeros((0,), np.int16)
         atomic_save_npy(self.folder / f"{ident}_target.npy", tgt)
         save_json({"rows": rows, "layout": layout, "num_slices": int(data.shape[1])}, self.folder / f"{ident}.json")

@@ -19,25 +19,30 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from samunet.dataset.io import geometry_mismatch, read_images, read_seg
+from samunet.dataset.case_checks import image_problems, label_problems
+from samunet.dataset.io import read_images, read_seg
 from samunet.preprocessing.cropping import crop_to_nonzero, paste_into
 from samunet.preprocessing.normalization import normalise
 from samunet.preprocessing.resampling import new_inplane_shape, resample_data, resample_probabilities, resample_seg
-from samunet.utils import SamunetError, atomic_save_npy, load_json, save_json, single_threaded_worker
+from samunet.preprocessing.size_checks import resampling_problem
+from samunet.utils import (SamunetError, atomic_save_npy, load_json, save_json, single_threaded_worker,
+                           sweep_stale_temps)
 
 logger = logging.getLogger("samunet")
 
 
-def preprocess_case(image_files, seg_file, config: dict, label_values) -> tuple[np.ndarray, np.ndarray | None, dict]:
+def preprocess_case(image_files, seg_file, config: dict, label_values, dims: int | None = None,
+                    memory_gb: float | None = None) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """Preprocess one case. ``dims`` (2 or 3, the data set's) and ``memory_gb`` (the plans' budget) add checks
+    that refuse a case of the wrong dimensionality or one whose resampling would not fit, before resampling."""
     data, props = read_images(image_files)
-    if not np.all(np.isfinite(data)):
-        raise SamunetError(f"{props['files'][0]}: image contains NaN or Inf values")
+    problems = image_problems(data, props, dims)
     seg = None
     if seg_file is not None:
         seg, seg_props = read_seg(seg_file)
-        mismatch = geometry_mismatch(props, seg_props)
-        if mismatch:
-            raise SamunetError(f"{seg_file}: geometry differs from image {Path(image_files[0]).name} ({mismatch})")
+        problems += label_problems(data, props, seg, seg_props, seg_file, label_values)
+    if problems:
+        raise SamunetError("; ".join(problems))
     if data.shape[0] != len(config["normalization"]):
         raise SamunetError(f"{props['files'][0]}: {data.shape[0]} channel(s), but the plans expect "
                            f"{len(config['normalization'])}")
@@ -48,6 +53,10 @@ def preprocess_case(image_files, seg_file, config: dict, label_values) -> tuple[
     transpose = config["transpose_forward"]
     data = data.transpose([0] + [t + 1 for t in transpose])
     spacing_t = [props["spacing"][t] for t in transpose]
+    problem = resampling_problem(props["files"][0], data.shape[1:], spacing_t, config["target_spacing_inplane"],
+                                 data.shape[0], memory_gb)
+    if problem:
+        raise SamunetError(problem)
     new_yx = new_inplane_shape(data.shape[2:], spacing_t[1:], config["target_spacing_inplane"])
     data = np.clip(resample_data(data, new_yx), 0.0, 1.0)
     if seg is not None:
@@ -101,9 +110,10 @@ def case_is_done(out_dir: Path, identifier: str, identity: str, with_seg: bool) 
         return False
 
 
-def _run_one(identifier, image_files, seg_file, config, label_values, out_dir) -> tuple[str, str | None]:
+def _run_one(identifier, image_files, seg_file, config, label_values, out_dir, dims=None,
+             memory_gb=None) -> tuple[str, str | None]:
     try:
-        data, seg, props = preprocess_case(image_files, seg_file, config, label_values)
+        data, seg, props = preprocess_case(image_files, seg_file, config, label_values, dims, memory_gb)
         atomic_save_npy(out_dir / f"{identifier}.npy", data)
         if seg is not None:
             atomic_save_npy(out_dir / f"{identifier}_seg.npy", seg)
@@ -114,22 +124,22 @@ def _run_one(identifier, image_files, seg_file, config, label_values, out_dir) -
 
 
 def preprocess_cases(cases, config: dict, label_values, out_dir: Path, num_processes: int = 2,
-                     desc: str = "preprocess") -> list[str]:
+                     desc: str = "preprocess", dims: int | None = None, memory_gb: float | None = None) -> list[str]:
     """Preprocess ``cases`` (objects with identifier, image_files, label_file) into ``out_dir``.
 
     Finished cases with the same preprocessing identity are skipped. Returns the identifiers processed now.
     Cases that fail are reported together at the end; the others are still written.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(".*.tmp"):  # left by a run that was killed while writing
-        stale.unlink()
+    sweep_stale_temps(out_dir)  # left by a run that was killed while writing; a running one's files are kept
     todo = [c for c in cases if not case_is_done(out_dir, c.identifier, config["preprocessing_identity"],
                                                   c.label_file is not None)]
     skipped = len(cases) - len(todo)
     if skipped:
         logger.info("%d of %d case(s) already preprocessed in %s; skipping them", skipped, len(cases), out_dir)
     args = ([c.identifier for c in todo], [c.image_files for c in todo], [c.label_file for c in todo],
-            [config] * len(todo), [list(label_values)] * len(todo), [out_dir] * len(todo))
+            [config] * len(todo), [list(label_values)] * len(todo), [out_dir] * len(todo), [dims] * len(todo),
+            [memory_gb] * len(todo))
     if num_processes > 1 and len(todo) > 1:
         with ProcessPoolExecutor(num_processes, initializer=single_threaded_worker) as ex:
             results = list(tqdm(ex.map(_run_one, *args), total=len(todo), desc=desc))

@@ -6,6 +6,7 @@ stays small; loading checks that identity against the encoder in use.
 from __future__ import annotations
 
 import io
+import pickle
 from pathlib import Path
 
 import torch
@@ -23,16 +24,34 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise SamunetError(f"{path}: is a folder, not a checkpoint file")
     if not path.is_file():
         raise SamunetError(f"{path}: checkpoint not found")
+    if path.stat().st_size == 0:
+        raise SamunetError(f"{path}: not a readable samunet checkpoint (empty file, 0 bytes; the run that wrote it "
+                           "was probably stopped or the disk was full)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated file, not a torch file, or objects outside the safe set
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower():  # holds pickled objects: never loaded, whatever PyTorch suggests
+            raise SamunetError(f"{path}: not a samunet checkpoint: it holds Python objects besides tensors and "
+                               "plain values, which samunet never loads (it could run code); use a checkpoint "
+                               "written by samunet_train") from None
         raise SamunetError(f"{path}: not a readable samunet checkpoint (corrupt or foreign file: "
-                           f"{type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+                           f"{_first_line(e)})") from None
+    except Exception as e:  # truncated file, not a torch file
+        raise SamunetError(f"{path}: not a readable samunet checkpoint (corrupt or foreign file: "
+                           f"{_first_line(e)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise SamunetError(f"{path}: not a samunet checkpoint (format {state.get('format') if isinstance(state, dict) else type(state).__name__!r}, expected {FORMAT})")
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise SamunetError(f"{path}: not a samunet checkpoint (format {found!r}, expected {FORMAT})")
     return state
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
 
 
 def check_compatible(state: dict, path, expected: dict) -> None:

@@ -26,6 +26,7 @@ from samunet.training.data import BackgroundBatches, CachedData, OnTheFlyData
 from samunet.models.specs import HEADS, HYBRID_HEADS, IMAGE_MODELS
 from samunet.training.losses import confusion_counts, dice_ce_loss
 from samunet.training.progress import TextLog, new_log, plot_progress
+from samunet.training.run_lock import RunLock
 from samunet.training.splits import get_split, labeled_subset
 from samunet.utils import SamunetError, load_json, save_json
 
@@ -296,6 +297,10 @@ class Trainer:
 
     # ----------------------------------------------------------------- main loop
     def run(self, continue_training: bool = False) -> dict:
+        with RunLock(self.output):  # a second run of this fold is refused, naming the running one
+            return self._run(continue_training)
+
+    def _run(self, continue_training: bool) -> dict:
         self.initialize()
         final = self.output / "checkpoint_final.pth"
         latest = self.output / "checkpoint_latest.pth"
