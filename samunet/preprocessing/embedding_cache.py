@@ -83,8 +83,6 @@ class EmbeddingCache:
     def build(self, identifiers, encoder, ram_budget_mb: float = 4000.0) -> int:
         """Encode every listed case not yet cached. Returns the number of encoder inputs computed."""
         todo = self.missing(identifiers)
-        if not todo and (self.folder / "cache_identity.json").is_file():
-            return 0
         self.folder.mkdir(parents=True, exist_ok=True)
         sweep_stale_temps(self.folder)  # only dead writers' files: another run may be encoding into this cache
         save_json({"encoder": self.identity, "configuration": self.config_name,
