@@ -176,6 +176,10 @@ def train_entry(argv=None):
     p.add_argument("--patience", type=int, default=None,
                    help="stop once the moving average of the validation pseudo-Dice has not improved for this many "
                         "epochs; 0 trains every epoch (default: set by the plans); --epochs stays the cap")
+    p.add_argument("--augmented_views", type=int, default=None,
+                   help="augmented views of each labelled slice to encode once and train on (rotation, scaling, "
+                        "mirroring, intensity; exact embeddings); default: as many as 4000 encoder calls allow "
+                        "(at most 16) for the hybrid head, 0 for the others")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     a = p.parse_args(argv)
     _setup_logging()
@@ -185,7 +189,7 @@ def train_entry(argv=None):
                  continue_training=a.c, validation_only=a.val, device=a.device, save_probabilities=a.npz,
                  use_cache=False if a.no_cache else None,
                  checkpoint="checkpoint_best.pth" if a.val_best else "checkpoint_final.pth", batch_size=a.batch_size,
-                 patience=a.patience)
+                 patience=a.patience, augmented_views=a.augmented_views)
 
 
 def _add_predict_options(p: argparse.ArgumentParser) -> None:

@@ -317,3 +317,147 @@ def test_apply_postprocessing_removes_stray_components_only(trained, hippo_env, 
     assert np.array_equal(out == 1, lab0 == largest)
     a, b = sitk.ReadImage(str(inp / f"{case}.nii.gz")), sitk.ReadImage(str(tmp_path / "out" / f"{case}.nii.gz"))
     assert a.GetSpacing() == b.GetSpacing() and a.GetOrigin() == b.GetOrigin() and a.GetDirection() == b.GetDirection()
+
+
+def test_hybrid_head_trains_on_the_cache_and_predicts_like_its_validation(trained, hippo_env, tmp_path):
+    from samunet.training.checkpoint import load_checkpoint
+    from samunet.training.trainer import run_training
+    t = run_training(4, "2d", 0, head="hybrid", epochs=10, iterations_per_epoch=12, num_labeled_cases=4,
+                     batch_size=8, patience=0, augmented_views=0)
+    cfg = t.config
+    # the planner's rule: a 64 px canvas for slices of about 36 x 50 px, the 128 px encoder input's embedding
+    assert cfg["hybrid"]["canvas_size"] == 64 and t.head.input_size == 64 and "canvas_reason" in cfg["hybrid"]
+    assert isinstance(t.optimizer, __import__("torch").optim.SGD)
+    summary = json.loads((t.output / "validation" / "summary.json").read_text())
+    # 120 steps of 8 slices on 4 labelled volumes: far from converged, but clearly segmenting both classes
+    assert summary["foreground_mean"]["Dice"] > 0.5, summary["mean"]
+    assert min(v["Dice"] for v in summary["mean"].values()) > 0.3, summary["mean"]
+    state = load_checkpoint(t.output / "checkpoint_final.pth")
+    assert state["head"] == "hybrid" and state["mirroring_axes"] == [] and state["hybrid_architecture"]["canvas_size"] == 64
+    case = t.val_ids[0]
+    inp = tmp_path / "in"
+    inp.mkdir()
+    shutil.copy(HIPPO / "imagesTr" / f"{case}_0000.nii.gz", inp)
+    r = subprocess.run(PREDICT + ["-i", str(inp), "-o", str(tmp_path / "out"), "-d", "4", "-c", "2d", "-f", "0",
+                                  "--head", "hybrid", "--num_labeled_cases", "4"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "mirroring test-time augmentation is not applied" in r.stderr
+    a = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / f"{case}.nii.gz")))
+    b = sitk.GetArrayFromImage(sitk.ReadImage(str(t.output / "validation" / f"{case}.nii.gz")))
+    assert a.shape == b.shape and (a == b).mean() > 0.995  # cached float16 embeddings vs recomputed ones
+
+
+def test_cached_warp_keeps_image_label_and_embedding_aligned(trained):
+    import torch
+    import torch.nn.functional as F
+    from samunet.preprocessing.encoder_inputs import encoder_inputs, make_layout, slice_images
+    from samunet.training.cached_augmentation import (WarpParams, random_affine, region_centres, warp_grid,
+                                                      warp_labels)
+    from samunet.training.data import CachedData
+    t, _ = trained
+    data = CachedData(t.cache, t.train_ids, t.num_classes, canvas=64)
+    rows = np.flatnonzero(data.sampler.presence.all(1))[::7][:6]  # slices holding both classes
+    b = data.batch(rows)
+    img, tgt = b["images"], b["target"]
+    layouts = [data.items[data.index[r][0]][3]["layout"] for r in rows]
+    theta = random_affine(np.random.default_rng(0), len(rows), region_centres(layouts),
+                          WarpParams(p_rotation=1.0, p_scale=1.0, rotation_deg=30))
+    assert not bool(__import__("samunet.training.cached_augmentation", fromlist=["x"]).is_identity(theta).any())
+    # image and label: mark the labelled pixels in the image, warp both, the marks must land on the warped label
+    marked = torch.where((tgt > 0)[:, None], torch.ones_like(img), img * 0.5)
+    img_w, tgt_w = warp_grid(marked, theta), warp_labels(tgt, theta)
+    assert set(torch.unique(tgt_w).tolist()) <= {-1, 0, 1, 2}
+    bright, fg = img_w[:, 0] > 0.75, tgt_w > 0
+    assert 2 * (bright & fg).sum() / (bright.sum() + fg.sum()) > 0.9
+    # the same map on the 32 x 32 embedding grid: the label warped there matches the warped label averaged to it
+    grid = lambda m: F.interpolate(m[:, None].float(), size=(32, 32), mode="area")  # noqa: E731
+    on_grid = warp_grid(grid(tgt > 0), theta)
+    assert torch.corrcoef(torch.stack([on_grid.flatten(), grid(fg).flatten()]))[0, 1] > 0.9
+    # the real cached embedding: warped, it is closer to the embedding of the warped slice than left unwarped
+    # (compared inside the slice, as benchmarks/embedding_warp.py does)
+    xs, regions = [], []
+    for r in rows:
+        ci, k = data.index[r]
+        case_data = data.items[ci][4][0]
+        layout = make_layout(case_data.shape[2:], t.config)
+        xs.append(encoder_inputs(slice_images(case_data, int(data.items[ci][3]["rows"][k][0]), t.config), layout)[0])
+        region = torch.zeros(1, 1, layout["size"], layout["size"])
+        region[..., :layout["resized"][0], :layout["resized"][1]] = 1
+        regions.append(F.interpolate(region, size=(32, 32), mode="area"))
+    x, regions = torch.cat(xs), torch.cat(regions)
+    theta15 = random_affine(np.random.default_rng(1), len(rows), region_centres(layouts),
+                            WarpParams(p_rotation=1.0, p_scale=0.0, rotation_deg=15))
+    with torch.no_grad():
+        target = t.encoder(warp_grid(x, theta15)).float()
+    inside = ((regions > 0.99) & (warp_grid(regions, theta15) > 0.99))[:, 0]
+    warped = F.cosine_similarity(warp_grid(b["emb"], theta15), target, dim=1)[inside].mean()
+    unwarped = F.cosine_similarity(b["emb"], target, dim=1)[inside].mean()
+    assert warped > unwarped + 0.03, (float(warped), float(unwarped))
+
+
+def test_early_stopping_stops_at_the_plateau_and_resumes_after_a_kill(trained, hippo_env):
+    from samunet.training.checkpoint import load_checkpoint
+    base = hippo_env / "samunet_results" / NAME
+    # a linear head with one step of 2 slices per epoch stays at background for a while: its moving-average
+    # pseudo-Dice does not improve, so patience 3 stops it long before the 40-epoch cap
+    args = ["--head", "linear", "--num_labeled_cases", "2", "--epochs", "40", "--iterations_per_epoch", "1",
+            "--batch_size", "2", "--patience", "3"]
+    r = _train_cli(*args)
+    assert r.returncode == 0, r.stderr
+    out = base / "samunetTrainer_linear_n2__samunetPlans__2d" / "fold_0"
+    ref = load_checkpoint(out / "checkpoint_final.pth")
+    stopped = ref["log"]["stopped_early_after_epoch"]
+    assert 4 <= stopped < 40 and ref["epoch"] == stopped and "early stopping" in r.stderr
+    reference = out.parent.parent / "reference"
+    shutil.move(str(out.parent), reference)
+    proc = subprocess.Popen(TRAIN + ["4", "2d", "0", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    latest = out / "checkpoint_latest.pth"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (latest.is_file() and load_checkpoint(latest)["epoch"] >= 2):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "checkpoint_final.pth").exists(), "training finished before it could be killed"
+    r = _train_cli(*args, "--c")
+    assert r.returncode == 0, r.stderr
+    state = load_checkpoint(out / "checkpoint_final.pth")
+    assert state["epoch"] == stopped and state["log"]["stopped_early_after_epoch"] == stopped
+    assert state["log"]["pseudo_dice"] == ref["log"]["pseudo_dice"]  # the same batches, the same plateau
+
+
+def test_augmented_views_hold_the_exact_embeddings_of_aligned_warped_slices(trained, tmp_path):
+    import types
+    import torch
+    import torch.nn.functional as F
+    from samunet.preprocessing.encoder_inputs import make_layout
+    from samunet.training.augmented_views import AugmentedViews, views_for
+    t, _ = trained
+    assert views_for(34) == 16 and views_for(700) == 5 and views_for(7000) == 0
+    ident = t.train_ids[0]
+    src = t.cache.data_folder
+    # a real case whose labelled voxels are marked in the image, so alignment can be read off the stored views
+    data, seg = np.load(src / f"{ident}.npy"), np.load(src / f"{ident}_seg.npy")
+    np.save(tmp_path / f"{ident}.npy", np.where(seg[None] > 0, 1.0, 0.5 * data).astype(np.float32))
+    np.save(tmp_path / f"{ident}_seg.npy", seg)
+    cache = types.SimpleNamespace(config=t.config, data_folder=tmp_path, label_values=t.label_values,
+                                  folder=tmp_path / "cache")
+    views = AugmentedViews(cache, canvas=64, views=2, seed=3)
+    assert views.build([ident], t.encoder) == 2 * data.shape[1] and views.is_done(ident)
+    assert views.build([ident], t.encoder) == 0  # resumable: nothing is encoded twice
+    emb, tgt, img, info = views.load(ident)
+    assert emb.shape == (2 * data.shape[1], 256, 32, 32) and img.shape == (2 * data.shape[1], 3, 64, 64)
+    img, tgt = torch.from_numpy(np.asarray(img, np.float32)), torch.from_numpy(np.asarray(tgt, np.int64))
+    bright, fg = img[:, 0] > 0.75, tgt > 0
+    assert fg.sum() > 100 and 2 * (bright & fg).sum() / (bright.sum() + fg.sum()) > 0.85
+    # each stored embedding is the encoder's embedding of that very view (re-encoded from the stored canvas image)
+    rows = np.flatnonzero(fg.flatten(1).any(1).numpy())[:4]
+    p = t.config["encoder_input_size"]
+    x = F.interpolate(img[rows], size=(p, p), mode="bilinear", align_corners=False).clamp(0, 1)
+    with torch.no_grad():
+        again = t.encoder(x).float()
+    stored = torch.from_numpy(np.asarray(emb[rows], np.float32))
+    same = F.cosine_similarity(again, stored, dim=1).mean()
+    other = F.cosine_similarity(again, stored.roll(1, 0), dim=1).mean()
+    assert same > 0.9 and same > other + 0.05, (float(same), float(other))
+    assert make_layout(data.shape[2:], {**t.config, "encoder_input_size": 64}) == info["layout"]

@@ -37,36 +37,44 @@ class _RowSampler:
 
 
 class CachedData:
-    """Rows of the embedding cache for a set of cases.
+    """Rows of the embedding cache for a set of cases (and of their augmented views, if given).
 
     With ``canvas`` (the hybrid head) each row also yields its image and label on the head's ``canvas`` x
     ``canvas`` layout, read from the preprocessed case. With ``warp`` (``WarpParams``) each sample's embedding grid,
     label and image are warped by one random affine map (``cached_augmentation``); images also get intensity
-    augmentation.
+    augmentation. ``views`` (``AugmentedViews``) adds the stored augmented views of every case as further rows.
     """
 
-    def __init__(self, cache, identifiers: list[str], num_classes: int, canvas: int | None = None, warp=None):
-        self.items = [cache.load(i) for i in identifiers]
-        self.index = np.array([(ci, r) for ci, (emb, _, _) in enumerate(self.items) for r in range(len(emb))])
+    def __init__(self, cache, identifiers: list[str], num_classes: int, canvas: int | None = None, warp=None,
+                 views=None):
+        self.config = cache.config
+        self.label_values = cache.label_values
+        self.canvas = canvas
+        self.warp = warp
+        cfg = {**cache.config, "encoder_input_size": int(canvas)} if canvas is not None else None
+        # one item per case and source: embeddings, targets, images (None: made from the case), row info, case
+        self.items = []
+        for ident in identifiers:
+            emb, tgt, info = cache.load(ident)
+            case = None
+            if canvas is not None:
+                data = np.load(cache.data_folder / f"{ident}.npy", mmap_mode="r")
+                seg = np.load(cache.data_folder / f"{ident}_seg.npy", mmap_mode="r")
+                case = (data, seg, make_layout(data.shape[2:], cfg))
+                info = {**info, "layout": case[2]}
+            self.items.append((emb, tgt, None, info, case))
+            if views is not None:
+                v_emb, v_tgt, v_img, v_info = views.load(ident)
+                self.items.append((v_emb, v_tgt, v_img, v_info, None))
+        self.index = np.array([(ci, r) for ci, item in enumerate(self.items) for r in range(len(item[0]))])
         presence = np.zeros((len(self.index), max(0, num_classes - 1)), bool)
         row = 0
-        for _, tgt, _ in self.items:
-            t = np.asarray(tgt).reshape(len(tgt), -1)
+        for item in self.items:
+            t = np.asarray(item[1]).reshape(len(item[1]), -1)
             for c in range(1, num_classes):
                 presence[row:row + len(t), c - 1] = (t == c).any(1)
             row += len(t)
         self.sampler = _RowSampler(presence)
-        self.canvas = canvas
-        self.warp = warp
-        self.config = cache.config
-        self.label_values = cache.label_values
-        if canvas is not None:
-            cfg = {**cache.config, "encoder_input_size": int(canvas)}
-            self.cases = []
-            for ident, (_, _, info) in zip(identifiers, self.items):
-                data = np.load(cache.data_folder / f"{ident}.npy", mmap_mode="r")
-                seg = np.load(cache.data_folder / f"{ident}_seg.npy", mmap_mode="r")
-                self.cases.append((data, seg, make_layout(data.shape[2:], cfg)))
         if warp is not None and canvas is not None:
             from samunet.training.cached_augmentation import intensity_augmentation
             self.intensity = intensity_augmentation()
@@ -74,27 +82,30 @@ class CachedData:
     def __len__(self):
         return len(self.index)
 
-    def _image_row(self, ci: int, k: int):
-        data, seg, layout = self.cases[ci]
-        s, t = self.items[ci][2]["rows"][k]
+    def _canvas_row(self, ci: int, k: int):
+        emb, tgt, images, info, case = self.items[ci]
+        if images is not None:  # a stored augmented view
+            return torch.from_numpy(np.asarray(images[k], dtype=np.float32)), \
+                torch.from_numpy(np.asarray(tgt[k], dtype=np.int64))
+        data, seg, layout = case
+        s, t = info["rows"][k]
         img = encoder_inputs(slice_images(data, int(s), self.config), layout)[t]      # (n_enc, 3, Q, Q)
         tgt = target_inputs(np.asarray(seg[s]), layout, self.label_values)[t]          # (Q, Q)
-        return img.reshape(-1, *img.shape[-2:]), tgt, layout
+        return img.reshape(-1, *img.shape[-2:]), tgt
 
     def batch(self, rows, rng: np.random.Generator | None = None) -> dict:
         embs, tgts, imgs, layouts = [], [], [], []
         for r in rows:
             ci, k = self.index[r]
-            emb, tgt, info = self.items[ci]
+            emb, tgt, _, info, _ = self.items[ci]
             embs.append(torch.from_numpy(np.asarray(emb[k], dtype=np.float32)))
+            layouts.append(info["layout"])
             if self.canvas is None:
                 tgts.append(torch.from_numpy(np.asarray(tgt[k], dtype=np.int64)))
-                layouts.append(info["layout"])
             else:
-                img, t, layout = self._image_row(ci, k)
+                img, t = self._canvas_row(ci, k)
                 imgs.append(img)
                 tgts.append(t)
-                layouts.append(layout)
         out = {"emb": torch.stack(embs), "target": torch.stack(tgts)}
         if imgs:
             out["images"] = torch.stack(imgs)

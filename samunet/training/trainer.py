@@ -21,6 +21,7 @@ from samunet.paths import preprocessed_folder, resolve_dataset_name, results_fol
 from samunet.planning.plans import get_configuration, load_plans
 from samunet.preprocessing.embedding_cache import EmbeddingCache
 from samunet.training.checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from samunet.training.augmented_views import AugmentedViews, views_for
 from samunet.training.cached_augmentation import WarpParams
 from samunet.training.data import BackgroundBatches, CachedData, OnTheFlyData
 from samunet.models.specs import HEADS, HYBRID_HEADS, IMAGE_MODELS
@@ -69,7 +70,8 @@ class Trainer:
     def __init__(self, dataset, configuration: str, fold, head: str | None = None, epochs: int | None = None,
                  iterations_per_epoch: int | None = None, num_labeled_cases: int | None = None,
                  device: str = "auto", use_cache: bool | None = None, seed: int = 12345,
-                 ram_budget_mb: float = 4000.0, batch_size: int | None = None, patience: int | None = None):
+                 ram_budget_mb: float = 4000.0, batch_size: int | None = None, patience: int | None = None,
+                 augmented_views: int | None = None):
         self.dataset_name = resolve_dataset_name(dataset)
         self.pp_folder = preprocessed_folder() / self.dataset_name
         self.plans = load_plans(self.dataset_name)
@@ -82,6 +84,8 @@ class Trainer:
         self.num_epochs = int(epochs or self.config["num_epochs"])
         self.iterations = int(iterations_per_epoch or self.config["iterations_per_epoch"])
         self.num_labeled_cases = num_labeled_cases
+        self.augmented_views = augmented_views  # None: the budget rule for hybrid heads, none for the others
+        self.views = None
         # early stopping: epochs without a new best moving-average pseudo-Dice before training stops (0: never)
         self.patience = int(patience if patience is not None else
                             self.config.get("early_stopping_patience", DEFAULT_PATIENCE))
@@ -160,7 +164,13 @@ class Trainer:
             self.cache.build(sorted(set(self.train_ids) | set(self.val_ids)), self.encoder, self.ram_budget_mb)
             canvas = self.hybrid_architecture["canvas_size"] if self.hybrid else None
             warp = WarpParams() if self.hybrid else None
-            self.train_data = CachedData(self.cache, self.train_ids, self.num_classes, canvas, warp)
+            n_views = self.augmented_views
+            if n_views is None:
+                n_views = views_for(sum(len(self.cache.load(i)[0]) for i in self.train_ids)) if self.hybrid else 0
+            if n_views:
+                self.views = AugmentedViews(self.cache, canvas, n_views, self.seed)
+                self.views.build(self.train_ids, self.encoder, self.ram_budget_mb)
+            self.train_data = CachedData(self.cache, self.train_ids, self.num_classes, canvas, warp, self.views)
             self.val_data = CachedData(self.cache, self.val_ids, self.num_classes, canvas)
         else:
             self.train_data = OnTheFlyData(data_dir, self.train_ids, self.config, self.label_values, augment=True)
@@ -215,7 +225,9 @@ class Trainer:
                 # in-plane axes mirrored by the training augmentation (none on cached embeddings, whose mirrored
                 # views are not cached): prediction
                 # mirrors only along these, since a model never shown mirrored inputs may swap left/right labels
-                "mirroring_axes": [] if self.use_cache else [0, 1]}
+                # (augmented views are encoded with mirroring, so their embeddings are exact)
+                "mirroring_axes": [0, 1] if self.views is not None or not self.use_cache else [],
+                "augmented_views": self.views.views if self.views is not None else 0}
 
     def save(self, name: str) -> None:
         save_checkpoint(self._state(), self.output / name)
@@ -370,6 +382,8 @@ class Trainer:
     def _input_kind(self) -> str:
         if self.takes_images:
             return "augmented images, no encoder"
+        if self.views is not None:
+            return f"cached embeddings, plus {self.views.views} augmented views of each labelled input, encoded"
         return "cached embeddings" if self.use_cache else "encoded on the fly"
 
     def _write_run_files(self) -> None:
@@ -383,7 +397,8 @@ class Trainer:
                    "batch_size": self.batch_size, "num_labeled_cases": self.num_labeled_cases,
                    "train_cases": self.train_ids, "val_cases": self.val_ids, "use_cache": bool(self.use_cache),
                    "device": str(self.device), "seed": self.seed, "initial_lr": self.initial_lr,
-                   "early_stopping_patience": self.patience},
+                   "early_stopping_patience": self.patience,
+                   "augmented_views": self.views.views if self.views is not None else 0},
                   self.output / "debug.json")
 
     # ----------------------------------------------------------------- final validation
@@ -427,11 +442,11 @@ class Trainer:
 def run_training(dataset, configuration: str, fold, head=None, epochs=None, iterations_per_epoch=None,
                  num_labeled_cases=None, continue_training=False, validation_only=False, device="auto",
                  save_probabilities=False, use_cache=None, checkpoint="checkpoint_final.pth",
-                 batch_size=None, patience=None) -> Trainer:
+                 batch_size=None, patience=None, augmented_views=None) -> Trainer:
     """Train one fold (or, with ``validation_only``, only rerun its final validation)."""
     t = Trainer(dataset, configuration, fold, head=head, epochs=epochs, iterations_per_epoch=iterations_per_epoch,
                 num_labeled_cases=num_labeled_cases, device=device, use_cache=use_cache, batch_size=batch_size,
-                patience=patience)
+                patience=patience, augmented_views=augmented_views)
     if not validation_only:
         t.run(continue_training)
     t.final_validation(checkpoint, save_probabilities)
