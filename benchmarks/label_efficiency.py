@@ -175,22 +175,31 @@ def time_from_text_log(folder: Path, pattern: str) -> float | None:
 
 
 # ----------------------------------------------------------------------------------------------- samunet cells
-def samunet_cell(a, head: str, n: str, expected_train: list[str], val: list[str], budget: dict, ending: str,
+def split_method(method: str) -> tuple[str, str]:
+    """'hybrid:2.5d_emb' -> ('hybrid', '2.5d_emb'); 'autosam' -> ('autosam', '2d')."""
+    head, _, config = method.partition(":")
+    if head not in HEADS:
+        raise SystemExit(f"unknown samunet model '{head}' in '{method}' (choose {', '.join(HEADS)})")
+    return head, config or "2d"
+
+
+def samunet_cell(a, method: str, n: str, expected_train: list[str], val: list[str], budget: dict, ending: str,
                  raw: Path, work: Path) -> dict:
     from samunet.training.checkpoint import load_checkpoint
     from samunet.training.trainer import model_folder, trainer_name
+    head, config = split_method(method)
     num = None if n == "all" else int(n)
-    out = model_folder(a.dataset_name, trainer_name(head, num), "samunetPlans", "2d") / f"fold_{a.fold}"
+    out = model_folder(a.dataset_name, trainer_name(head, num), "samunetPlans", config) / f"fold_{a.fold}"
     final = out / "checkpoint_final.pth"
-    cell_file = work / "cells" / f"{head}_n{n}.json"
+    cell_file = work / "cells" / f"{method}_n{n}.json"
     cell = load_json(cell_file) if cell_file.is_file() else {"wall_s": 0.0}
-    cmd = console("samunet_train") + [str(a.dataset), "2d", str(a.fold), "--head", head, "--epochs",
+    cmd = console("samunet_train") + [str(a.dataset), config, str(a.fold), "--head", head, "--epochs",
                                       str(budget["epochs"]), "--iterations_per_epoch", str(budget["iterations"]),
                                       "--batch_size", str(budget["batch_size"]), "--device", a.device,
                                       "--patience", str(budget.get("patience", 0))]
     if num is not None:
         cmd += ["--num_labeled_cases", str(num)]
-    logf = work / "logs" / f"{head}_n{n}.log"
+    logf = work / "logs" / f"{method}_n{n}.log"
     if a.report_only and not (final.is_file() and predictions_complete(out / "validation", val, ending)):
         log(f"{head} n={n}: not finished; left out of the report (--report_only)")
         return None
@@ -212,8 +221,8 @@ def samunet_cell(a, head: str, n: str, expected_train: list[str], val: list[str]
             (stopped is None and int(state["epoch"]) != budget["epochs"]) or (stopped and not budget.get("patience")):
         raise SystemExit(f"{final}: trained with another budget ({state['epoch']} of {state['num_epochs']} epochs x "
                          f"{state['iterations_per_epoch']} x batch {state['batch_size']}); use another samunet_results")
-    result = evaluate(raw, out / "validation", val, ending, work / "eval" / f"{head}_n{n}.json")
-    return {**result, "method": head, "labeled": n, "num_train_cases": len(expected_train),
+    result = evaluate(raw, out / "validation", val, ending, work / "eval" / f"{method}_n{n}.json")
+    return {**result, "method": method, "head": head, "configuration": config, "labeled": n, "num_train_cases": len(expected_train),
             "train_cases": expected_train, "epochs": budget["epochs"], "iterations_per_epoch": budget["iterations"],
             "batch_size": budget["batch_size"], "epochs_done": int(state["epoch"]),
             "iterations_done": int(state["epoch"]) * budget["iterations"], "stopped_early": stopped is not None,
@@ -340,6 +349,8 @@ class NnUNet:
 
 # ----------------------------------------------------------------------------------------------- reports
 LABELS = {"autosam": "samunet autosam (frozen encoder)", "cnn": "samunet cnn (frozen encoder)",
+          "hybrid:2.5d_emb": "samunet hybrid, embeddings of slices s-1, s, s+1 (2.5d_emb)",
+          "autosam:2.5d": "samunet autosam, slices s-1, s, s+1 as the encoder's RGB (2.5d)",
           "hybrid": "samunet hybrid (frozen encoder + image U-Net)",
           "linear": "samunet linear (frozen encoder)", "unet": "2D U-Net from scratch (in samunet)",
           "nnunet": "nnU-Net v2 2d"}
@@ -467,8 +478,10 @@ def main(argv=None):
     p.add_argument("--labeled", nargs="+", default=None,
                    help="numbers of labelled training cases, 'all' for the whole fold (default 1 2 5 10 all; "
                         "--quick: 1 5 all)")
-    p.add_argument("--heads", nargs="*", default=None, choices=HEADS,
-                   help="samunet models (default: autosam cnn linear unet; --quick: autosam cnn unet)")
+    p.add_argument("--heads", nargs="*", default=None,
+                   help="samunet models, HEAD or HEAD:CONFIGURATION (e.g. hybrid:2.5d_emb; default configuration "
+                        "2d), HEAD one of " + ", ".join(HEADS) + " (default: autosam cnn linear unet; --quick: autosam "
+                        "cnn unet)")
     p.add_argument("--no_nnunet", action="store_true", help="leave nnU-Net out")
     p.add_argument("--quick", action="store_true", help="small CPU budget (see QUICK); results get a _quick suffix")
     p.add_argument("--plateau", action="store_true",
@@ -523,6 +536,8 @@ def main(argv=None):
 
     if a.heads is None:
         a.heads = list(QUICK["models"]) if a.quick else list(HEADS)
+    for m in a.heads:
+        split_method(m)  # an unknown model stops here, before anything runs
     if a.quick:
         heads_b = dict(QUICK["heads"])
         unet_b = dict(QUICK["unet"])

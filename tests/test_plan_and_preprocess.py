@@ -29,7 +29,7 @@ def test_hippocampus_cli_plans_preprocesses_and_resumes(samunet_dirs):
     assert r.returncode == 0, r.stderr
     pp = samunet_dirs["samunet_preprocessed"] / "Dataset004_Hippocampus"
     plans = _plans(samunet_dirs, "Dataset004_Hippocampus")
-    assert set(plans["configurations"]) == {"2d", "2.5d"}
+    assert set(plans["configurations"]) == {"2d", "2.5d", "2.5d_emb"}
     cfg = plans["configurations"]["2d"]
     fp = json.loads((pp / "dataset_fingerprint.json").read_text())
     median_shape = np.median(np.array(fp["shapes_after_crop"]), 0)
@@ -42,8 +42,14 @@ def test_hippocampus_cli_plans_preprocesses_and_resumes(samunet_dirs):
     assert cfg["head"] == "autosam" and cfg["cache_embeddings"] is True
     assert plans["configurations"]["2.5d"]["channel_rule"]["type"] == "neighbour_slices"
     assert plans["configurations"]["2.5d"]["data_identifier"] == cfg["data_identifier"]
+    emb = plans["configurations"]["2.5d_emb"]
+    # the head fuses neighbouring slices' cached embeddings; the encoder inputs, and so the cache, are 2d's
+    assert emb["embedding_context"] == 3 and emb["embedding_cache"] == "2d" and emb["slice_context"] == 1
+    assert emb["data_identifier"] == cfg["data_identifier"] and cfg["embedding_context"] == 1
+    assert cfg["hybrid"]["canvas_size"] == 64 and cfg["early_stopping_patience"] == 15
     for key in ("slice_axis_reason", "input_size_reason", "inplane_mode_reason", "head_reason",
-                "batch_size_reason", "cache_reason", "spacing_reason"):
+                "batch_size_reason", "cache_reason", "spacing_reason", "early_stopping_reason",
+                "embedding_context_reason"):
         assert cfg[key]
     data_dir = pp / cfg["data_identifier"]
     for c in cases:

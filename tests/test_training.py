@@ -461,3 +461,36 @@ def test_augmented_views_hold_the_exact_embeddings_of_aligned_warped_slices(trai
     other = F.cosine_similarity(again, stored.roll(1, 0), dim=1).mean()
     assert same > 0.9 and same > other + 0.05, (float(same), float(other))
     assert make_layout(data.shape[2:], {**t.config, "encoder_input_size": 64}) == info["layout"]
+
+
+def test_embedding_context_fuses_the_cached_embeddings_of_neighbouring_slices(trained, hippo_env, tmp_path):
+    from samunet.plan_and_preprocess import plan_and_preprocess
+    from samunet.training.data import CachedData
+    from samunet.training.trainer import run_training
+    t2d, _ = trained
+    plan_and_preprocess(4, num_processes=2, configurations=["2d", "2.5d_emb"])
+    emb_root = hippo_env / "samunet_preprocessed" / NAME / "embeddings"
+    before = sorted(p.name for p in emb_root.iterdir())
+    t = run_training(4, "2.5d_emb", 0, head="linear", epochs=3, iterations_per_epoch=6, num_labeled_cases=4,
+                     batch_size=8, patience=0)
+    assert t.cache.folder == t2d.cache.folder  # the 2d cache serves it: nothing was encoded again
+    assert sorted(p.name for p in emb_root.iterdir()) == before
+    assert t.config["embedding_context"] == 3 and t.head.fusion.conv.in_channels == 3 * 256
+    # a row's input is the cached embeddings of slices s-1, s, s+1 of its case (the edge slice repeated)
+    data = CachedData(t.cache, t.train_ids[:1], t.num_classes)
+    emb = np.asarray(t.cache.load(t.train_ids[0])[0], np.float32)
+    for k in (0, 5, len(emb) - 1):
+        want = np.concatenate([emb[max(k - 1, 0)], emb[k], emb[min(k + 1, len(emb) - 1)]])
+        assert np.array_equal(data.batch([k])["emb"][0].numpy(), want)
+    # prediction gathers the same neighbours from freshly computed embeddings
+    case = t.val_ids[0]
+    inp = tmp_path / "in"
+    inp.mkdir()
+    shutil.copy(HIPPO / "imagesTr" / f"{case}_0000.nii.gz", inp)
+    r = subprocess.run(PREDICT + ["-i", str(inp), "-o", str(tmp_path / "out"), "-d", "4", "-c", "2.5d_emb", "-f", "0",
+                                  "--head", "linear", "--num_labeled_cases", "4", "--disable_tta"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    a = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / f"{case}.nii.gz")))
+    b = sitk.GetArrayFromImage(sitk.ReadImage(str(t.output / "validation" / f"{case}.nii.gz")))
+    assert (a == b).mean() > 0.995

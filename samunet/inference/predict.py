@@ -102,10 +102,12 @@ class EnsemblePredictor:
                                   len(self.label_values))
             elif state.get("head") in HYBRID_HEADS:
                 head = build_hybrid(state["hybrid_architecture"], self.encoder, len(self.label_values),
-                                    in_channels_multiplier=int(state["in_channels_multiplier"]))
+                                    in_channels_multiplier=int(state["in_channels_multiplier"]),
+                                    embedding_context=int(state.get("embedding_context", 1)))
             else:
                 head = build_head(state["head"], self.encoder, len(self.label_values),
-                                  in_channels_multiplier=int(state["in_channels_multiplier"]))
+                                  in_channels_multiplier=int(state["in_channels_multiplier"])
+                                  * int(state.get("embedding_context", 1)))
             head.load_state_dict(state["head_state"])
             self.heads.append(head.to(self.device).eval())
 

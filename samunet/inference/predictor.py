@@ -49,21 +49,28 @@ def predict_preprocessed(data: np.ndarray, config: dict, encoder, heads: list, n
     out = np.zeros((num_classes, s_count, *data.shape[2:]), np.float32)
     slices_per_chunk = max(1, batch_size // n_tiles)
     weight = 1.0 / (len(views) * len(heads))
+    context = int(config.get("embedding_context", 1))  # 2.5d_emb: heads fuse the embeddings of s-1, s, s+1
+    halo = 1 if context > 1 else 0
     for start in range(0, s_count, slices_per_chunk):
         chunk = range(start, min(s_count, start + slices_per_chunk))
+        ext = range(max(0, start - halo), min(s_count, chunk.stop + halo))  # slices whose embeddings are needed
+        inner = slice((chunk.start - ext.start) * n_tiles, (chunk.stop - ext.start) * n_tiles)
         for view in views:
             x = emb = None
-            images = [np.ascontiguousarray(_flip(slice_images(data, s, config), view)) for s in chunk]
+            images = {s: np.ascontiguousarray(_flip(slice_images(data, s, config), view)) for s in ext}
             if any(image_models) or view or cached_embeddings is None:
-                x = torch.cat([encoder_inputs(im, layout) for im in images]).to(device)  # (n*T, n_enc, 3, P, P)
+                x = torch.cat([encoder_inputs(images[s], layout) for s in ext]).to(device)  # (n*T, n_enc, 3, P, P)
             if not all(image_models):
                 if not view and cached_embeddings is not None:
                     emb = torch.from_numpy(np.asarray(
-                        cached_embeddings[start * n_tiles:(chunk[-1] + 1) * n_tiles], dtype=np.float32)).to(device)
+                        cached_embeddings[ext.start * n_tiles:ext.stop * n_tiles], dtype=np.float32)).to(device)
                 else:
                     e = encoder(x.reshape(-1, *x.shape[2:])).float()
                     emb = e.reshape(x.shape[0], x.shape[1] * e.shape[1], *e.shape[2:])
-            on_canvas = {q: torch.cat([encoder_inputs(im, lay) for im in images]).flatten(1, 2).to(device)
+                emb = _with_context(emb, chunk, ext, n_tiles, context, s_count)
+            if x is not None:
+                x = x[inner]
+            on_canvas = {q: torch.cat([encoder_inputs(images[s], lay) for s in chunk]).flatten(1, 2).to(device)
                          for q, lay in canvases.items()}  # (n*T, n_enc * 3, Q, Q)
             for head, takes_images, hybrid in zip(heads, image_models, hybrids):
                 if hybrid:
@@ -76,6 +83,20 @@ def predict_preprocessed(data: np.ndarray, config: dict, encoder, heads: list, n
                     probs = probabilities_to_slice(logits[i * n_tiles:(i + 1) * n_tiles], head_layout)
                     out[:, s] += weight * _flip(probs, view).numpy()
     return out
+
+
+def _with_context(emb: torch.Tensor, chunk: range, ext: range, n_tiles: int, context: int,
+                  s_count: int) -> torch.Tensor:
+    """Embeddings of the slices in ``ext`` -> each ``chunk`` slice's own (context 1), or those of s-1, s, s+1
+    concatenated along channels (context 3; the edge slice repeated), rows slice-major, tile-minor."""
+    if context == 1:
+        return emb[(chunk.start - ext.start) * n_tiles:(chunk.stop - ext.start) * n_tiles]
+    rows = []
+    for s in chunk:
+        for t in range(n_tiles):
+            near = [(min(max(n, 0), s_count - 1) - ext.start) * n_tiles + t for n in (s - 1, s, s + 1)]
+            rows.append(torch.cat([emb[i] for i in near]))
+    return torch.stack(rows)
 
 
 def probabilities_to_segmentation(probs_pp: np.ndarray, properties: dict, label_values) -> tuple[np.ndarray, np.ndarray]:

@@ -1,7 +1,9 @@
 """The hybrid head: a U-Net on the slice at the data's own resolution, fed the frozen SAM embedding at every scale.
 
     head = build_hybrid(plans_config["hybrid"], encoder, num_classes=3)
-    logits = head(embeddings, images)   # (B, k*D, g, g), (B, 3k, Q, Q)  ->  (B, num_classes, Q, Q)
+    logits = head(embeddings, images)   # (B, c*k*D, g, g), (B, 3k, Q, Q)  ->  (B, num_classes, Q, Q)
+
+with k channels encoded separately and c = 3 cached embeddings of neighbouring slices fused (``2.5d_emb``; else 1).
 
 Why: a head that sees only the embedding decodes boundaries from a grid at a quarter (LiteMedSAM) or a sixteenth
 (SAM ViT) of the encoder input, and the encoder input is itself the slice resized to the encoder's size; a U-Net
@@ -85,7 +87,8 @@ class HybridHead(nn.Module):
     takes_images = False
     takes_images_and_embeddings = True
 
-    def __init__(self, architecture: dict, encoder, num_classes: int, in_channels_multiplier: int = 1):
+    def __init__(self, architecture: dict, encoder, num_classes: int, in_channels_multiplier: int = 1,
+                 embedding_context: int = 1):
         super().__init__()
         from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
         from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
@@ -93,11 +96,12 @@ class HybridHead(nn.Module):
         a = self.architecture
         self.num_classes = int(num_classes)
         self.in_channels_multiplier = int(in_channels_multiplier)
+        self.embedding_multiplier = self.in_channels_multiplier * int(embedding_context)
         self.embed_dim, self.grid_size = encoder.embed_dim, encoder.grid_size
         self.encoder_name = encoder.name
         self.input_size = int(a["canvas_size"])     # logits come out on the Q x Q canvas
         self.in_channels = 3 * self.in_channels_multiplier
-        self.fusion = ChannelFusion(self.embed_dim, self.in_channels_multiplier)
+        self.fusion = ChannelFusion(self.embed_dim, self.embedding_multiplier)
         decoder = getattr(encoder, "mask_decoder", None)
         prompt_encoder = getattr(encoder, "prompt_encoder", None)
         if decoder is not None:
@@ -140,7 +144,7 @@ class HybridHead(nn.Module):
         return [x, half, full]
 
     def forward(self, embeddings: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        want_e = (self.embed_dim * self.in_channels_multiplier, self.grid_size, self.grid_size)
+        want_e = (self.embed_dim * self.embedding_multiplier, self.grid_size, self.grid_size)
         want_i = (self.in_channels, self.input_size, self.input_size)
         if embeddings.ndim != 4 or tuple(embeddings.shape[1:]) != want_e or images.ndim != 4 \
                 or tuple(images.shape[1:]) != want_i or len(images) != len(embeddings):
@@ -163,6 +167,7 @@ class HybridHead(nn.Module):
         return self.decoder(skips)
 
 
-def build_hybrid(architecture: dict, encoder, num_classes: int, in_channels_multiplier: int = 1) -> HybridHead:
-    head = HybridHead(architecture, encoder, num_classes, in_channels_multiplier)
+def build_hybrid(architecture: dict, encoder, num_classes: int, in_channels_multiplier: int = 1,
+                 embedding_context: int = 1) -> HybridHead:
+    head = HybridHead(architecture, encoder, num_classes, in_channels_multiplier, embedding_context)
     return head.to(encoder.device)

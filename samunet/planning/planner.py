@@ -140,7 +140,8 @@ def _head_estimate_mb(spec: EncoderSpec, input_size: int, num_classes: int) -> f
     return 20 * emb_mb + 3 * num_classes * input_size * input_size * 4 / 1e6
 
 
-def _configuration(name: str, context: int, fingerprint: dict, spec: EncoderSpec, opts: dict) -> dict:
+def _configuration(name: str, context: int, embedding_context: int, fingerprint: dict, spec: EncoderSpec,
+                   opts: dict) -> dict:
     spacings = np.array(fingerprint["spacings"], float)
     shapes = np.array(fingerprint["shapes_after_crop"], float)
     if fingerprint["dims"] == [2]:
@@ -202,6 +203,12 @@ def _configuration(name: str, context: int, fingerprint: dict, spec: EncoderSpec
         "data_identifier": f"{PLANS_NAME}_2d",
         "preprocessing_identity": stable_hash(preprocessing),
         "slice_context": context,
+        "embedding_context": embedding_context,
+        "embedding_cache": "2d" if embedding_context > 1 else name,  # whose cached embeddings it reads
+        "embedding_context_reason": (
+            "the head fuses the cached embeddings of slices s-1, s, s+1 (a learned 1x1 convolution that starts as "
+            "their mean), so the encoder sees each slice alone as in 2d and the 2d embedding cache serves it"
+            if embedding_context == 3 else "the head reads the embedding of its own slice (or slice stack) only"),
         "slice_axis": slice_axis,
         "slice_axis_reason": axis_reason,
         "transpose_forward": transpose,
@@ -258,12 +265,13 @@ def plan_experiment(fingerprint: dict, dataset_json: dict, encoder: str = "lite_
     if head is not None and head not in HEADS:
         raise SamunetError(f"unknown head '{head}' (choose {', '.join(HEADS)})")
     opts = {"memory_gb": float(memory_gb), "disk_gb": float(disk_gb), "input_size": input_size, "head": head}
-    available = {"2d": 1} if fingerprint["dims"] == [2] else {"2d": 1, "2.5d": 3}
+    # configuration -> (slices in one encoder input, cached embeddings of neighbouring slices the head fuses)
+    available = {"2d": (1, 1)} if fingerprint["dims"] == [2] else {"2d": (1, 1), "2.5d": (3, 1), "2.5d_emb": (1, 3)}
     wanted = configurations or list(available)
     for c in wanted:
         if c not in available:
             raise SamunetError(f"configuration '{c}' is not available for {fingerprint['dataset_name']} "
-                               f"(available: {', '.join(available)}; 2.5d needs 3D data)")
+                               f"(available: {', '.join(available)}; 2.5d and 2.5d_emb need 3D data)")
     spacings = np.array(fingerprint["spacings"], float)
     shapes = np.array(fingerprint["shapes_after_crop"], float)
     return {
@@ -281,5 +289,5 @@ def plan_experiment(fingerprint: dict, dataset_json: dict, encoder: str = "lite_
         "original_median_shape": [float(x) for x in np.median(shapes, 0)],
         "foreground_intensity_properties_per_channel": fingerprint["foreground_intensity_properties_per_channel"],
         "budgets": {"memory_gb": opts["memory_gb"], "disk_gb": opts["disk_gb"]},
-        "configurations": {c: _configuration(c, available[c], fingerprint, spec, opts) for c in wanted},
+        "configurations": {c: _configuration(c, *available[c], fingerprint, spec, opts) for c in wanted},
     }

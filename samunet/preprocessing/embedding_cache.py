@@ -75,7 +75,8 @@ class EmbeddingCache:
         self.identity = identity
         self.label_values = list(label_values)
         self.key = cache_key(identity, config)
-        self.folder = Path(dataset_folder) / "embeddings" / f"{config_name}_{self.key}"
+        # configurations with the same encoder inputs (2d and 2.5d_emb) share one cache: same key, same folder
+        self.folder = Path(dataset_folder) / "embeddings" / f"{config.get('embedding_cache', config_name)}_{self.key}"
         self.data_folder = Path(dataset_folder) / config["data_identifier"]
 
     def is_done(self, identifier: str) -> bool:

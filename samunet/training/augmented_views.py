@@ -50,7 +50,9 @@ class AugmentedViews:
     def __init__(self, cache, canvas: int | None, views: int, seed: int = 12345):
         self.cache, self.canvas, self.views, self.seed = cache, canvas, int(views), int(seed)
         self.config = cache.config
-        key = stable_hash({"warp": VIEW_WARP.__dict__, "views": self.views, "canvas": canvas, "seed": self.seed,
+        per_view = {"per_view_warp": True} if int(self.config.get("embedding_context", 1)) > 1 else {}
+        key = stable_hash({**per_view, "warp": VIEW_WARP.__dict__, "views": self.views, "canvas": canvas,
+                           "seed": self.seed,
                            "intensity": "batchgenerators noise, blur, brightness, contrast, gamma (nnU-Net p)"})
         self.folder = cache.folder / f"views_{key}"
 
@@ -84,15 +86,23 @@ class AugmentedViews:
         embs, targets, images, rows = [], [], [], []
         case_seed = int(stable_hash(ident, 8), 16)
         for v in range(self.views):
+            # each slice gets its own warp and intensity change, except where the head fuses neighbouring slices
+            # (2.5d_emb): there one per view keeps the slices of a view aligned
             rng = np.random.default_rng([self.seed, case_seed, v])
             np.random.seed(int(rng.integers(2 ** 31)))  # batchgenerators draws from numpy's global state
+            per_view = int(self.config.get("embedding_context", 1)) > 1
+            view_state = np.random.get_state()
+            view_theta = random_affine(rng, 1, region_centres([layout]), VIEW_WARP) if per_view else None
             xs, cs, ts = [], [], []
             for s in range(data.shape[1]):
                 img = slice_images(data, s, self.config)  # (n_enc, 3, Y, X)
+                if per_view:
+                    np.random.set_state(view_state)
                 d = transform(data=np.ascontiguousarray(img.reshape(1, -1, *img.shape[-2:]), dtype=np.float32))
                 img = np.clip(d["data"][0], 0, 1).reshape(img.shape)
                 x = encoder_inputs(img, layout)                                 # (T, n_enc, 3, P, P)
-                theta = random_affine(rng, 1, region_centres([layout]), VIEW_WARP).expand(len(x), 2, 3)
+                theta = view_theta if per_view else random_affine(rng, 1, region_centres([layout]), VIEW_WARP)
+                theta = theta.expand(len(x), 2, 3)
                 xs.append(warp_grid(x.flatten(1, 2), theta).view_as(x))
                 t = target_inputs(np.asarray(seg[s]), out_layout, self.cache.label_values)  # (T, S, S)
                 ts.append(warp_labels(t, theta))

@@ -43,6 +43,8 @@ class CachedData:
     ``canvas`` layout, read from the preprocessed case. With ``warp`` (``WarpParams``) each sample's embedding grid,
     label and image are warped by one random affine map (``cached_augmentation``); images also get intensity
     augmentation. ``views`` (``AugmentedViews``) adds the stored augmented views of every case as further rows.
+    With the configuration's ``embedding_context`` of 3 (``2.5d_emb``), each row's embedding is those of slices
+    s-1, s, s+1 (the same tile and view; the edge slice repeated) concatenated along channels.
     """
 
     def __init__(self, cache, identifiers: list[str], num_classes: int, canvas: int | None = None, warp=None,
@@ -67,6 +69,8 @@ class CachedData:
                 v_emb, v_tgt, v_img, v_info = views.load(ident)
                 self.items.append((v_emb, v_tgt, v_img, v_info, None))
         self.index = np.array([(ci, r) for ci, item in enumerate(self.items) for r in range(len(item[0]))])
+        self.context = int(cache.config.get("embedding_context", 1))
+        self.neighbours = [neighbour_rows(item[3]["rows"]) for item in self.items] if self.context > 1 else None
         presence = np.zeros((len(self.index), max(0, num_classes - 1)), bool)
         row = 0
         for item in self.items:
@@ -98,7 +102,8 @@ class CachedData:
         for r in rows:
             ci, k = self.index[r]
             emb, tgt, _, info, _ = self.items[ci]
-            embs.append(torch.from_numpy(np.asarray(emb[k], dtype=np.float32)))
+            ks = [k] if self.neighbours is None else [self.neighbours[ci][0][k], k, self.neighbours[ci][1][k]]
+            embs.append(torch.from_numpy(np.concatenate([np.asarray(emb[j], dtype=np.float32) for j in ks])))
             layouts.append(info["layout"])
             if self.canvas is None:
                 tgts.append(torch.from_numpy(np.asarray(tgt[k], dtype=np.int64)))
@@ -123,6 +128,19 @@ class CachedData:
             d = self.intensity(data=img.numpy(), seg=None)
             out["images"] = torch.from_numpy(np.clip(d["data"], 0, 1).astype(np.float32))
         return out
+
+
+def neighbour_rows(rows: list) -> tuple[np.ndarray, np.ndarray]:
+    """For rows ``[(view,) slice, tile]`` in slice-major, tile-minor order: the row of the previous and of the next
+    slice (same view and tile), the row itself at the first and last slice."""
+    r = np.asarray(rows)
+    s, t = r[:, -2], r[:, -1]
+    n_tiles = int(t.max()) + 1
+    n = len(r)
+    k = np.arange(n)
+    prev = np.where(s > 0, k - n_tiles, k)
+    nxt = np.where((k + n_tiles < n) & (s < np.roll(s, -n_tiles)), k + n_tiles, k)
+    return prev, nxt
 
 
 def _augmentation():

@@ -142,6 +142,10 @@ class Trainer:
         torch.manual_seed(self.seed)
         n_ch = len(self.plans["channel_names"])
         self.n_enc = n_ch if self.config["channel_rule"]["type"] == "encode_each_and_fuse" else 1
+        self.context = int(self.config.get("embedding_context", 1))  # 2.5d_emb: embeddings of s-1, s, s+1
+        if self.context > 1 and not self.use_cache and not self.takes_images:
+            raise SamunetError(f"configuration {self.configuration} fuses cached embeddings of neighbouring slices; "
+                               "it needs the embedding cache (drop --no_cache)")
         if self.takes_images:
             self._build_unet()
         elif self.hybrid:
@@ -149,7 +153,7 @@ class Trainer:
         else:
             self.encoder = build_encoder_for_plans(self.plans, self.config, self.device)
             self.head = build_head(self.head_name, self.encoder, self.num_classes,
-                                   in_channels_multiplier=self.n_enc).to(self.device)
+                                   in_channels_multiplier=self.n_enc * self.context).to(self.device)
             self.initial_lr = float(self.config["initial_lr"][self.head_name])
             self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=self.initial_lr, weight_decay=1e-4)
         self.amp_dtype = None
@@ -206,7 +210,7 @@ class Trainer:
         self.hybrid_architecture = {k: v for k, v in arch.items() if not k.endswith("reason")}
         self.encoder = build_encoder_for_plans(self.plans, self.config, self.device)
         self.head = build_hybrid(self.hybrid_architecture, self.encoder, self.num_classes,
-                                 in_channels_multiplier=self.n_enc).to(self.device)
+                                 in_channels_multiplier=self.n_enc, embedding_context=self.context).to(self.device)
         self.initial_lr = float(self.config["initial_lr"].get("hybrid", INITIAL_LR["hybrid"]))
         self.optimizer = torch.optim.SGD(self.head.parameters(), lr=self.initial_lr, momentum=0.99, nesterov=True,
                                          weight_decay=3e-5)
@@ -217,6 +221,7 @@ class Trainer:
             {"hybrid_architecture": self.hybrid_architecture} if self.hybrid else {}
         return {**self._expected(), **extra, "trainer": self.trainer, "num_classes": self.num_classes,
                 "label_values": self.label_values, "in_channels_multiplier": self.n_enc,
+                "embedding_context": self.context,
                 "head_state": self.head.state_dict(), "optimizer_state": self.optimizer.state_dict(),
                 "scaler_state": self.scaler.state_dict(), "epoch": self.epoch, "num_epochs": self.num_epochs,
                 "iterations_per_epoch": self.iterations, "batch_size": self.batch_size, "seed": self.seed,
