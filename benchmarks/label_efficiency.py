@@ -15,7 +15,8 @@ same function ``samunet_train --num_labeled_cases`` uses) and evaluated on the f
 Every method is scored the same way: its validation predictions in the original geometry are evaluated with
 ``samunet_evaluate_folder`` against the raw ``labelsTr``. For samunet models these are the files the final
 validation of ``samunet_train`` writes (``fold_K/validation``), predicted by the same ``predict_preprocessed``
-code as ``samunet_predict`` (without mirroring), the heads reading the cached embeddings instead of re-encoding
+code as ``samunet_predict`` (with mirroring only for models trained with mirroring, as ``samunet_predict``), the
+heads reading the cached embeddings instead of re-encoding
 every slice; ``--crosscheck_predict`` re-predicts one cell with ``samunet_predict`` to show both agree.
 
 The run is resumable: finished cells are skipped, interrupted ones are continued (``--c``). Results go to
@@ -633,8 +634,9 @@ def main(argv=None):
         "through extra entries of its `splits_final.json` (folds >= 5; 'all' is fold "
         f"{a.fold} itself), with samunet's five folds as its folds 0-4.",
         "samunet models are scored on the files their final validation writes (`fold_K/validation`, original "
-        "geometry, same `predict_preprocessed` code as `samunet_predict`, no mirroring; heads read the cached "
-        "embeddings instead of re-encoding every slice). nnU-Net is scored on its own final validation "
+        "geometry, same `predict_preprocessed` code as `samunet_predict`, with mirroring test-time augmentation only "
+        "for models trained with mirroring (the U-Net, and hybrid heads trained on augmented views); heads read the "
+        "cached embeddings instead of re-encoding every slice). nnU-Net is scored on its own final validation "
         "(with its default mirroring).",
         "Training times are wall-clock times; they depend on what else the machine runs: the 1-minute load average "
         f"was {load[0]:.1f} when the training run started and {load[1]:.1f} when it ended "

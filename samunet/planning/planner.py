@@ -26,6 +26,11 @@ CPU_GFLOPS_REFERENCE = 55.0       # LiteMedSAM fp32 eager, measured on a 2-core 
 MIN_ITERATIONS, MAX_ITERATIONS = 25, 250
 NUM_EPOCHS_CACHED, NUM_EPOCHS_ON_THE_FLY = 100, 50
 EARLY_STOPPING_PATIENCE = 15
+CPU_HOURS_PER_FOLD = 3.0          # the epoch cap on a CPU keeps one fold within a few hours
+# seconds per training sample on 2 CPU cores (fp32, forward and backward), measured at the size given, and scaled
+# by pixels to other sizes: heads at the encoder input P, the hybrid head at its canvas Q
+CPU_SECONDS_PER_SAMPLE = {"autosam": (0.075, 128), "cnn": (0.05, 128), "linear": (0.005, 128),
+                          "unet": (0.28, 128), "hybrid": (0.03, 64)}
 INITIAL_LR = {"autosam": 1e-3, "cnn": 1e-3, "linear": 1e-2,  # a lone 1x1 classifier needs larger steps
               "unet": 1e-2,  # the from-scratch U-Net: nnU-Net's SGD learning rate
               "hybrid": 1e-2}  # the hybrid head is mostly a U-Net: nnU-Net's SGD learning rate
@@ -251,7 +256,21 @@ def _configuration(name: str, context: int, embedding_context: int, fingerprint:
         "encoder_cpu_hours_note": f"at {CPU_GFLOPS_REFERENCE:.0f} GFLOP/s (the fp32 reference encoder on 2 CPU cores)",
     }
     config["hybrid"] = hybrid_block(config)
+    config["cpu_num_epochs"], config["cpu_num_epochs_reason"] = _cpu_epochs(config)
     return config
+
+
+def _cpu_epochs(config: dict) -> tuple[dict, str]:
+    """Per head, the epoch cap on a CPU: the plans' epochs, or fewer where they would take over a few hours."""
+    out = {}
+    for head, (seconds, size) in CPU_SECONDS_PER_SAMPLE.items():
+        side = config["hybrid"]["canvas_size"] if head == "hybrid" else config["encoder_input_size"]
+        epoch_s = config["iterations_per_epoch"] * config["batch_size"] * seconds * (side / size) ** 2
+        out[head] = int(max(5, min(config["num_epochs"], CPU_HOURS_PER_FOLD * 3600 // max(epoch_s, 1e-6))))
+    return out, (f"on a CPU (2 cores measured) the epoch cap is lowered so that one fold trains in at most about "
+                 f"{CPU_HOURS_PER_FOLD:.0f} hours before early stopping ({', '.join(f'{h}: {e}' for h, e in out.items())} "
+                 f"epochs of {config['iterations_per_epoch']} x {config['batch_size']}); on a GPU the full "
+                 f"{config['num_epochs']}; samunet_train --epochs overrides both")
 
 
 def plan_experiment(fingerprint: dict, dataset_json: dict, encoder: str = "lite_medsam",

@@ -90,6 +90,9 @@ class Trainer:
         self.patience = int(patience if patience is not None else
                             self.config.get("early_stopping_patience", DEFAULT_PATIENCE))
         self.device = resolve_device(device)
+        cpu_cap = self.config.get("cpu_num_epochs", {}).get(self.head_name)
+        if epochs is None and self.device.type == "cpu" and cpu_cap is not None:
+            self.num_epochs = int(cpu_cap)  # the planner's CPU cap (cpu_num_epochs_reason in the plans)
         self.use_cache = self.config["cache_embeddings"] if use_cache is None else use_cache
         self.takes_images = self.head_name in IMAGE_MODELS
         self.hybrid = self.head_name in HYBRID_HEADS
@@ -419,6 +422,9 @@ class Trainer:
         check_compatible(state, path, self._expected())
         self.head.load_state_dict(state["head_state"])
         self.head.eval()
+        # mirroring test-time augmentation, as samunet_predict (and nnU-Net's validation) applies it: only for models
+        # whose training mirrored their inputs
+        tta = bool(state.get("mirroring_axes"))
         data_dir = self.pp_folder / self.config["data_identifier"]
         val_dir = self.output / "validation"
         val_dir.mkdir(parents=True, exist_ok=True)
@@ -429,7 +435,7 @@ class Trainer:
             emb = self.cache.load(ident)[0] if self.cache is not None and self.use_cache and self.cache.is_done(ident) \
                 else None
             probs_pp = predict_preprocessed(data, self.config, self.encoder, [self.head], self.num_classes,
-                                            tta=False, cached_embeddings=emb, batch_size=self.batch_size,
+                                            tta=tta, cached_embeddings=emb, batch_size=self.batch_size,
                                             device=self.device)
             seg, probs = probabilities_to_segmentation(probs_pp, props, self.label_values)
             write_seg(seg, props["original"], val_dir / f"{ident}{ending}")
@@ -438,7 +444,8 @@ class Trainer:
         summary = evaluate_folder(self.pp_folder / "gt_segmentations", val_dir,
                                   labels=[v for v in self.label_values if v != 0], file_ending=ending,
                                   output_file=val_dir / "summary.json", cases=self.val_ids)
-        self.text(f"final validation ({checkpoint}, {len(self.val_ids)} cases): mean foreground Dice "
+        self.text(f"final validation ({checkpoint}, {len(self.val_ids)} cases"
+                  f"{', mirroring test-time augmentation' if tta else ''}): mean foreground Dice "
                   f"{summary['foreground_mean']['Dice']:.4f}, per class "
                   + ", ".join(f"{k}: {v['Dice']:.4f}" for k, v in summary["mean"].items()))
         return summary
