@@ -1,6 +1,5 @@
 """Fault injection on copies of the real data sets (issue 16): every bad input is refused with
 ``error: <file>: <problem>`` and exit code 1, without a traceback, and nothing is written where nothing should be."""
-import json
 import os
 import shutil
 import socket

@@ -41,11 +41,8 @@ class EnsemblePredictor:
     def __init__(self, model_dir: str | Path, folds=None, checkpoint: str = "checkpoint_final.pth",
                  device: str = "auto", tta: bool = True):
         from samunet.models.encoders import encoder_identity
-        from samunet.models.heads import build_head
-        from samunet.models.unet import build_unet
-        from samunet.models.hybrid import build_hybrid
-        from samunet.models.specs import HYBRID_HEADS, IMAGE_MODELS
-        from samunet.training.trainer import build_encoder_for_plans, resolve_device
+        from samunet.models.specs import IMAGE_MODELS
+        from samunet.models.for_plans import build_encoder_for_plans, model_from_state, resolve_device
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():
             raise SamunetError(f"{self.model_dir}: model folder not found")
@@ -97,18 +94,7 @@ class EnsemblePredictor:
                                            "trainer": self.trainer, "fold": f,
                                            "encoder_identity": None if is_image_model else identity,
                                            "preprocessing_identity": self.config["preprocessing_identity"]})
-            if is_image_model:
-                head = build_unet(state["unet_architecture"], 3 * int(state["in_channels_multiplier"]),
-                                  len(self.label_values))
-            elif state.get("head") in HYBRID_HEADS:
-                head = build_hybrid(state["hybrid_architecture"], self.encoder, len(self.label_values),
-                                    in_channels_multiplier=int(state["in_channels_multiplier"]),
-                                    embedding_context=int(state.get("embedding_context", 1)))
-            else:
-                head = build_head(state["head"], self.encoder, len(self.label_values),
-                                  in_channels_multiplier=int(state["in_channels_multiplier"])
-                                  * int(state.get("embedding_context", 1)))
-            head.load_state_dict(state["head_state"])
+            head = model_from_state(state, self.encoder)
             self.heads.append(head.to(self.device).eval())
 
     def predict_case(self, image_files, output_file: Path, save_probabilities: bool = False) -> None:

@@ -7,7 +7,6 @@ never overwrite each other.
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from samunet.models.for_plans import build_encoder_for_plans, build_model, resolve_device
 from samunet.paths import preprocessed_folder, resolve_dataset_name, results_folder
 from samunet.planning.plans import get_configuration, load_plans
 from samunet.preprocessing.embedding_cache import EmbeddingCache
@@ -46,24 +46,6 @@ def trainer_name(head: str, num_labeled_cases: int | None = None) -> str:
 
 def model_folder(dataset_name: str, trainer: str, plans_name: str, config: str) -> Path:
     return results_folder() / dataset_name / f"{trainer}__{plans_name}__{config}"
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SamunetError("--device cuda was asked for, but PyTorch sees no CUDA GPU (use --device cpu or auto)")
-    if device not in ("cpu", "cuda"):
-        raise SamunetError(f"unknown device '{device}' (use auto, cpu or cuda)")
-    return torch.device(device)
-
-
-def build_encoder_for_plans(plans: dict, config: dict, device):
-    from samunet.models.encoders import build_encoder
-    enc = plans["encoder"]
-    # on the CPU the numerically equivalent fast float32 path (folded batch norm, fused convolutions) is used
-    return build_encoder(enc["name"], checkpoint=enc.get("checkpoint"), input_size=config["encoder_input_size"],
-                         device=device, optimise=torch.device(device).type == "cpu")
 
 
 class Trainer:
@@ -137,7 +119,6 @@ class Trainer:
                 "preprocessing_identity": self.config["preprocessing_identity"]}
 
     def initialize(self):
-        from samunet.models.heads import build_head
         ids = self._case_ids()
         train, val = get_split(self.pp_folder, ids, self.fold)
         self.train_ids = labeled_subset(train, self.num_labeled_cases, self.fold, self.seed)
@@ -155,8 +136,8 @@ class Trainer:
             self._build_hybrid()
         else:
             self.encoder = build_encoder_for_plans(self.plans, self.config, self.device)
-            self.head = build_head(self.head_name, self.encoder, self.num_classes,
-                                   in_channels_multiplier=self.n_enc * self.context).to(self.device)
+            self.head = build_model(self.head_name, self.encoder, self.num_classes, self.n_enc,
+                                    self.context).to(self.device)
             self.initial_lr = float(self.config["initial_lr"][self.head_name])
             self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=self.initial_lr, weight_decay=1e-4)
         self.amp_dtype = None
@@ -189,21 +170,22 @@ class Trainer:
 
     def _build_unet(self) -> None:
         """The from-scratch U-Net: nnU-Net's topology for the encoder input, nnU-Net's optimiser."""
-        from samunet.models.unet import build_unet, unet_block
+        from samunet.models.unet import unet_block
         from samunet.planning.planner import INITIAL_LR
         arch = self.config.get("unet")
         if arch is None:  # plans written before the planner had a unet block: the same rule, applied here
             arch = unet_block(self.config["patch_size"])
             logger.info("the plans have no 'unet' block; using the planner's rule for %s px", self.config["patch_size"])
         self.unet_architecture = {k: v for k, v in arch.items() if not k.endswith("reason")}
-        self.head = build_unet(self.unet_architecture, 3 * self.n_enc, self.num_classes).to(self.device)
+        self.head = build_model("unet", None, self.num_classes, self.n_enc,
+                                unet_architecture=self.unet_architecture).to(self.device)
         self.initial_lr = float(self.config["initial_lr"].get("unet", INITIAL_LR["unet"]))
         self.optimizer = torch.optim.SGD(self.head.parameters(), lr=self.initial_lr, momentum=0.99, nesterov=True,
                                          weight_decay=3e-5)
 
     def _build_hybrid(self) -> None:
         """The hybrid head: a U-Net on the slice at the data's resolution fed the frozen embedding; nnU-Net's SGD."""
-        from samunet.models.hybrid import build_hybrid, hybrid_block
+        from samunet.models.hybrid import hybrid_block
         from samunet.planning.planner import INITIAL_LR
         arch = self.config.get("hybrid")
         if arch is None:  # plans written before the planner had a hybrid block: the same rule, applied here
@@ -212,8 +194,8 @@ class Trainer:
                         arch["canvas_size"])
         self.hybrid_architecture = {k: v for k, v in arch.items() if not k.endswith("reason")}
         self.encoder = build_encoder_for_plans(self.plans, self.config, self.device)
-        self.head = build_hybrid(self.hybrid_architecture, self.encoder, self.num_classes,
-                                 in_channels_multiplier=self.n_enc, embedding_context=self.context).to(self.device)
+        self.head = build_model("hybrid", self.encoder, self.num_classes, self.n_enc, self.context,
+                                hybrid_architecture=self.hybrid_architecture).to(self.device)
         self.initial_lr = float(self.config["initial_lr"].get("hybrid", INITIAL_LR["hybrid"]))
         self.optimizer = torch.optim.SGD(self.head.parameters(), lr=self.initial_lr, momentum=0.99, nesterov=True,
                                          weight_decay=3e-5)

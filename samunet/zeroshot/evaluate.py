@@ -120,7 +120,7 @@ class ZeroShotEvaluator:
         from samunet.models.encoders import build_encoder, encoder_identity
         from samunet.models.prompted import PromptedSegmenter
         from samunet.models.specs import get_encoder_spec
-        from samunet.training.trainer import resolve_device
+        from samunet.models.for_plans import resolve_device
         self.settings = settings or ZeroShotSettings()
         self.dataset_name = resolve_dataset_name(dataset)
         self.plans = load_plans(self.dataset_name)
@@ -181,9 +181,9 @@ class ZeroShotEvaluator:
         """Every trained fold (checkpoint_final.pth) of this data set and configuration, with its validation
         cases. Checkpoints that do not fit the current plans are skipped with a warning."""
         from samunet.models.encoders import encoder_identity
-        from samunet.models.heads import build_head
+        from samunet.models.for_plans import build_encoder_for_plans, model_from_state
+        from samunet.models.specs import ENCODER_HEADS
         from samunet.training.checkpoint import check_compatible, load_checkpoint
-        from samunet.training.trainer import build_encoder_for_plans
         found, splits = self._trained_folds()
         if not found:
             return []
@@ -207,9 +207,10 @@ class ZeroShotEvaluator:
             if fold >= len(splits):
                 logger.warning("%s: fold %d is not in %s; skipped", model_dir.name, fold, splits_file)
                 continue
-            head = build_head(state["head"], encoder, len(self.label_values),
-                              in_channels_multiplier=int(state["in_channels_multiplier"]))
-            head.load_state_dict(state["head_state"])
+            if state["head"] not in ENCODER_HEADS or int(state.get("embedding_context", 1)) != 1:
+                logger.info("%s: %s reads more than its slice's embedding; not compared here", path, state["head"])
+                continue
+            head = model_from_state(state, encoder)
             trainer = model_dir.name.split("__")[0]
             out.append({"name": f"{trainer.replace('samunetTrainer_', '')}_fold{fold}", "trainer": trainer,
                         "fold": fold, "head": head.to(self.device).eval(), "encoder": encoder,
