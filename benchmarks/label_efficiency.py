@@ -384,7 +384,8 @@ def markdown(report: dict) -> str:
             row.append(f"**{c['mean_foreground_dice']:.3f}** ({per}), {fmt_time(c['training_time_s'])}{its}{rising}")
         lines.append("| " + " | ".join(row) + " |")
     b = budgets_in_study(report)
-    text = [f"# Label efficiency: {report['dataset']} fold {report['fold']}{' (quick)' if report['quick'] else ''}",
+    kind = " (quick)" if report["quick"] else " (trained to plateau)" if report.get("plateau") else ""
+    text = [f"# Label efficiency: {report['dataset']} fold {report['fold']}{kind}",
             "",
             f"Mean foreground Dice on the fold's {report['num_val_cases']} validation cases, per class in brackets "
             f"({' / '.join(classes)}), then training time. Every cell is evaluated with `samunet_evaluate_folder` "
