@@ -171,7 +171,6 @@ class Trainer:
     def _build_unet(self) -> None:
         """The from-scratch U-Net: nnU-Net's topology for the encoder input, nnU-Net's optimiser."""
         from samunet.models.unet import unet_block
-        from samunet.planning.planner import INITIAL_LR
         arch = self.config.get("unet")
         if arch is None:  # plans written before the planner had a unet block: the same rule, applied here
             arch = unet_block(self.config["patch_size"])
@@ -179,14 +178,11 @@ class Trainer:
         self.unet_architecture = {k: v for k, v in arch.items() if not k.endswith("reason")}
         self.head = build_model("unet", None, self.num_classes, self.n_enc,
                                 unet_architecture=self.unet_architecture).to(self.device)
-        self.initial_lr = float(self.config["initial_lr"].get("unet", INITIAL_LR["unet"]))
-        self.optimizer = torch.optim.SGD(self.head.parameters(), lr=self.initial_lr, momentum=0.99, nesterov=True,
-                                         weight_decay=3e-5)
+        self._nnunet_sgd()
 
     def _build_hybrid(self) -> None:
         """The hybrid head: a U-Net on the slice at the data's resolution fed the frozen embedding; nnU-Net's SGD."""
         from samunet.models.hybrid import hybrid_block
-        from samunet.planning.planner import INITIAL_LR
         arch = self.config.get("hybrid")
         if arch is None:  # plans written before the planner had a hybrid block: the same rule, applied here
             arch = hybrid_block(self.config)
@@ -196,7 +192,12 @@ class Trainer:
         self.encoder = build_encoder_for_plans(self.plans, self.config, self.device)
         self.head = build_model("hybrid", self.encoder, self.num_classes, self.n_enc, self.context,
                                 hybrid_architecture=self.hybrid_architecture).to(self.device)
-        self.initial_lr = float(self.config["initial_lr"].get("hybrid", INITIAL_LR["hybrid"]))
+        self._nnunet_sgd()
+
+    def _nnunet_sgd(self) -> None:
+        """nnU-Net's optimiser, for the models that are mostly a U-Net (the U-Net and the hybrid head)."""
+        from samunet.planning.planner import INITIAL_LR
+        self.initial_lr = float(self.config["initial_lr"].get(self.head_name, INITIAL_LR[self.head_name]))
         self.optimizer = torch.optim.SGD(self.head.parameters(), lr=self.initial_lr, momentum=0.99, nesterov=True,
                                          weight_decay=3e-5)
 
