@@ -8,6 +8,10 @@ same function ``samunet_train --num_labeled_cases`` uses) and evaluated on the f
 - ``unet``: nnU-Net's 2D U-Net topology (dynamic-network-architectures ``PlainConvUNet``) trained from scratch
   inside samunet (``samunet_train ... --head unet``) on the same augmented encoder-input images, with the same
   sampling, training loop and final validation;
+- ``unet_ssl``: the same U-Net, first pre-trained self-supervised on every training slice of the fold with labels
+  unused (``samunet_pretrain``, masked image modelling; once per fold, shared by every column), then fine-tuned on
+  the labelled subset (``samunet_train ... --head unet --pretrained_weights``); its pre-training time is reported
+  beside its fine-tuning time;
 - nnU-Net v2 itself (``2d`` configuration), run from its own virtual environment with a custom
   ``splits_final.json`` that gives it exactly the same training and validation cases, and a small trainer variant
   whose epoch budget comes from environment variables.
@@ -87,6 +91,7 @@ def console(name: str) -> list[str]:
     if exe.is_file():
         return [str(exe)]
     module, func = {"samunet_train": ("samunet.cli", "train_entry"),
+                    "samunet_pretrain": ("samunet.cli", "pretrain_entry"),
                     "samunet_predict": ("samunet.cli", "predict_entry"),
                     "samunet_evaluate_folder": ("samunet.evaluation.cli", "evaluate_folder_entry")}[name]
     return [sys.executable, "-c", f"from {module} import {func} as m; m()"]
@@ -176,21 +181,56 @@ def time_from_text_log(folder: Path, pattern: str) -> float | None:
 
 
 # ----------------------------------------------------------------------------------------------- samunet cells
+SSL = "unet_ssl"  # the U-Net pre-trained by samunet_pretrain, then fine-tuned
+
+
 def split_method(method: str) -> tuple[str, str]:
     """'hybrid:2.5d_emb' -> ('hybrid', '2.5d_emb'); 'autosam' -> ('autosam', '2d')."""
     head, _, config = method.partition(":")
-    if head not in HEADS:
-        raise SystemExit(f"unknown samunet model '{head}' in '{method}' (choose {', '.join(HEADS)})")
+    if head not in HEADS and head != SSL:
+        raise SystemExit(f"unknown samunet model '{head}' in '{method}' (choose {', '.join(HEADS + (SSL,))})")
     return head, config or "2d"
 
 
+def pretrain_cell(a, config: str, budget: dict, work: Path) -> dict:
+    """``samunet_pretrain`` for the fold (once; resumed if interrupted): its checkpoint and time."""
+    from samunet.training.checkpoint import load_checkpoint
+    from samunet.training.pretrain import PRETRAINER
+    from samunet.training.trainer import model_folder
+    out = model_folder(a.dataset_name, PRETRAINER, "samunetPlans", config) / f"fold_{a.fold}"
+    final = out / "checkpoint_final.pth"
+    cell_file = work / "cells" / f"pretrain_{config}.json"
+    cell = load_json(cell_file) if cell_file.is_file() else {"wall_s": 0.0}
+    if not final.is_file():
+        if a.report_only:
+            return None
+        cmd = console("samunet_pretrain") + [str(a.dataset), config, str(a.fold), "--epochs", str(budget["epochs"]),
+                                             "--iterations_per_epoch", str(budget["iterations"]), "--batch_size",
+                                             str(budget["batch_size"]), "--device", a.device]
+        resume = (out / "checkpoint_latest.pth").is_file()
+        cell["wall_s"] += run(cmd + (["--c"] if resume else []), log_file=work / "logs" / f"pretrain_{config}.log")
+        save_json(cell, cell_file)
+    state = load_checkpoint(final)
+    if (int(state["epoch"]), int(state["iterations_per_epoch"]), int(state["batch_size"])) != \
+            (budget["epochs"], budget["iterations"], budget["batch_size"]):
+        raise SystemExit(f"{final}: pre-trained with another budget ({state['epoch']} x "
+                         f"{state['iterations_per_epoch']} x batch {state['batch_size']}); use another samunet_results")
+    return {"checkpoint": final, "method": state["pretraining"], "epochs": int(state["epoch"]),
+            "iterations_per_epoch": int(state["iterations_per_epoch"]), "batch_size": int(state["batch_size"]),
+            "training_time_s": round(float(sum(state["log"]["epoch_time"])), 1), "cell_wall_s": round(cell["wall_s"], 1),
+            "final_masked_r2": round(float(state["log"]["pseudo_dice"][-1]), 4)}
+
+
 def samunet_cell(a, method: str, n: str, expected_train: list[str], val: list[str], budget: dict, ending: str,
-                 raw: Path, work: Path) -> dict:
+                 raw: Path, work: Path, pretrained: dict | None = None) -> dict:
     from samunet.training.checkpoint import load_checkpoint
     from samunet.training.trainer import model_folder, trainer_name
     head, config = split_method(method)
+    if head == SSL:
+        head = "unet"
     num = None if n == "all" else int(n)
-    out = model_folder(a.dataset_name, trainer_name(head, num), "samunetPlans", config) / f"fold_{a.fold}"
+    out = model_folder(a.dataset_name, trainer_name(head, num, pretrained is not None), "samunetPlans",
+                       config) / f"fold_{a.fold}"
     final = out / "checkpoint_final.pth"
     cell_file = work / "cells" / f"{method}_n{n}.json"
     cell = load_json(cell_file) if cell_file.is_file() else {"wall_s": 0.0}
@@ -200,6 +240,8 @@ def samunet_cell(a, method: str, n: str, expected_train: list[str], val: list[st
                                       "--patience", str(budget.get("patience", 0))]
     if num is not None:
         cmd += ["--num_labeled_cases", str(num)]
+    if pretrained is not None:
+        cmd += ["--pretrained_weights", str(pretrained["checkpoint"])]
     logf = work / "logs" / f"{method}_n{n}.log"
     if a.report_only and not (final.is_file() and predictions_complete(out / "validation", val, ending)):
         log(f"{head} n={n}: not finished; left out of the report (--report_only)")
@@ -232,6 +274,8 @@ def samunet_cell(a, method: str, n: str, expected_train: list[str], val: list[st
             "training_time_note": "sum of samunet's epoch times (training iterations plus the per-epoch pseudo-Dice "
                                   "check), from the checkpoint",
             "cell_wall_s": round(cell["wall_s"], 1), **({"cell_note": cell["note"]} if "note" in cell else {}),
+            **({"pretraining": {k: str(v) if k == "checkpoint" else v for k, v in pretrained.items()},
+                "pretraining_time_s": pretrained["training_time_s"]} if pretrained else {}),
             "model_folder": str(out)}
 
 
@@ -354,6 +398,7 @@ LABELS = {"autosam": "samunet autosam (frozen encoder)", "cnn": "samunet cnn (fr
           "autosam:2.5d": "samunet autosam, slices s-1, s, s+1 as the encoder's RGB (2.5d)",
           "hybrid": "samunet hybrid (frozen encoder + image U-Net)",
           "linear": "samunet linear (frozen encoder)", "unet": "2D U-Net from scratch (in samunet)",
+          SSL: "2D U-Net, self-supervised pre-training then fine-tuning (in samunet)",
           "nnunet": "nnU-Net v2 2d"}
 
 
@@ -381,7 +426,9 @@ def markdown(report: dict) -> str:
             per = " / ".join(f"{c['dice_per_class'][k]:.3f}" for k in sorted(c["dice_per_class"], key=int))
             its = f", {c['iterations_done']} it" if report.get("plateau") and c.get("iterations_done") else ""
             rising = " (still rising)" if c.get("still_rising") else ""
-            row.append(f"**{c['mean_foreground_dice']:.3f}** ({per}), {fmt_time(c['training_time_s'])}{its}{rising}")
+            pre = f" + {fmt_time(c['pretraining_time_s'])} pre-training" if "pretraining_time_s" in c else ""
+            row.append(f"**{c['mean_foreground_dice']:.3f}** ({per}), {fmt_time(c['training_time_s'])}{pre}{its}"
+                       f"{rising}")
         lines.append("| " + " | ".join(row) + " |")
     b = budgets_in_study(report)
     kind = " (quick)" if report["quick"] else " (trained to plateau)" if report.get("plateau") else ""
@@ -401,7 +448,10 @@ def markdown(report: dict) -> str:
     if "unet" in b:
         text.append(f"- U-Net from scratch: {cap}{b['unet']['epochs']} x {b['unet']['iterations']} x "
                     f"{b['unet']['batch_size']} on augmented encoder-input images (same sampling and loop as the "
-                    f"heads){stop('unet')}")
+                    f"heads){stop('unet')}"
+                    + (f"; {SSL} first pre-trained for {b['pretrain']['epochs']} x {b['pretrain']['iterations']} x "
+                       f"{b['pretrain']['batch_size']} (masked image modelling, every training slice of the fold, "
+                       "labels unused), then fine-tuned with the same budget" if "pretrain" in b else ""))
     if "nnunet" in b and report.get("plateau"):
         text.append(f"- nnU-Net: per column, at least as many iterations as the longest samunet cell of that column "
                     f"(epochs of {b['nnunet']['iterations']} iterations x batch {b['nnunet']['batch_size']}, "
@@ -423,8 +473,8 @@ def markdown(report: dict) -> str:
 def budgets_in_study(report: dict) -> dict:
     """The budgets (heads, unet, nnunet) of the kinds of method this study ran."""
     methods = report["settings"]["methods"]
-    ran = {"heads": any(m not in ("unet", "nnunet") for m in methods), "unet": "unet" in methods,
-           "nnunet": "nnunet" in methods}
+    ran = {"heads": any(m not in ("unet", "nnunet", SSL) for m in methods), "unet": "unet" in methods or SSL in methods,
+           "nnunet": "nnunet" in methods, "pretrain": SSL in methods}
     return {k: b for k, b in report["budgets"].items() if ran.get(k)}
 
 
@@ -435,7 +485,8 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.ticker
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     n_train = report["settings"]["num_train_cases_by_setting"]
-    styles = {"autosam": "o-", "cnn": "s-", "linear": "^-", "hybrid": "*-", "unet": "x--", "nnunet": "d--"}
+    styles = {"autosam": "o-", "cnn": "s-", "linear": "^-", "hybrid": "*-", "unet": "x--", SSL: "+--",
+              "nnunet": "d--"}
     labels = {}  # x -> [(Dice, text, colour)]: the training time of each cell, placed after all lines are drawn
     for m in report["settings"]["methods"]:
         done = [(n_train[s], c["mean_foreground_dice"], c.get("training_time_s"))
@@ -498,6 +549,9 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=None, help="heads and U-Net: batch size (default: plans)")
     p.add_argument("--unet_epochs", type=int, default=None, help="U-Net: epochs (default: as the heads)")
     p.add_argument("--unet_iterations", type=int, default=None, help="U-Net: iterations (default: as the heads)")
+    p.add_argument("--pretrain_epochs", type=int, default=None,
+                   help="unet_ssl: epochs of samunet_pretrain (default: the U-Net's epochs; its iterations and "
+                        "batch size too, without early stopping)")
     p.add_argument("--nnunet_epochs", type=int, default=None, help="nnU-Net: epochs (default 250; quick 4)")
     p.add_argument("--nnunet_iterations", type=int, default=None, help="nnU-Net: iterations (default 250)")
     p.add_argument("--nnunet_val_iterations", type=int, default=None, help="nnU-Net: (default 50)")
@@ -557,6 +611,9 @@ def main(argv=None):
         unet_b["epochs"] = a.unet_epochs
     if a.unet_iterations is not None:
         unet_b["iterations"] = a.unet_iterations
+    pre_b = {k: unet_b[k] for k in ("epochs", "iterations", "batch_size")}  # pre-training: the U-Net's budget
+    if a.pretrain_epochs is not None:
+        pre_b["epochs"] = a.pretrain_epochs
     for key, val_ in (("epochs", a.nnunet_epochs), ("iterations", a.nnunet_iterations),
                       ("val_iterations", a.nnunet_val_iterations), ("batch_size", a.nnunet_batch_size)):
         if val_ is not None:
@@ -610,8 +667,15 @@ def main(argv=None):
                 idx = column_nn.split_index(splits, a.fold, subsets[s], val)  # 'all' finds fold K itself
                 cell = column_nn.cell(s, idx, subsets[s], val, ending, a.raw)
             else:
-                cell = samunet_cell(a, m, s, subsets[s], val, unet_b if m == "unet" else heads_b, ending,
-                                    a.raw, work)
+                pretrained = None
+                if split_method(m)[0] == SSL:
+                    pretrained = pretrain_cell(a, split_method(m)[1], pre_b, work)
+                    if pretrained is None:
+                        log(f"{m} n={s}: pre-training not finished; left out of the report (--report_only)")
+                        cells.pop(key, None)
+                        continue
+                cell = samunet_cell(a, m, s, subsets[s], val, unet_b if m in ("unet", SSL) else heads_b, ending,
+                                    a.raw, work, pretrained)
             if cell is None:
                 cells.pop(key, None)
                 continue
@@ -669,7 +733,7 @@ def main(argv=None):
         "settings": {"labeled": labeled, "methods": methods,
                      "num_train_cases_by_setting": {s: len(subsets[s]) for s in labeled},
                      "subsets": subsets, "split_seed": SPLIT_SEED},
-        "budgets": {"heads": heads_b, "unet": unet_b, **({"nnunet": nn_b} if nn else {})},
+        "budgets": {"heads": heads_b, "unet": unet_b, "pretrain": pre_b, **({"nnunet": nn_b} if nn else {})},
         "samunet_plans": {"encoder": plans["encoder"]["name"], "encoder_input_size": cfg["encoder_input_size"],
                           "inplane_mode": cfg["inplane_mode"], "slice_axis": cfg["slice_axis"],
                           "unet": cfg.get("unet") or __import__("samunet.models.unet", fromlist=["x"]).unet_block(

@@ -180,6 +180,10 @@ def train_entry(argv=None):
                    help="augmented views of each labelled slice to encode once and train on (rotation, scaling, "
                         "mirroring, intensity; exact embeddings); default: as many as 4000 encoder calls allow "
                         "(at most 16) for the hybrid head, 0 for the others")
+    p.add_argument("--pretrained_weights", default=None, metavar="PATH",
+                   help="with --head unet: start from a samunet_pretrain checkpoint (self-supervised, same data set, "
+                        "configuration and topology) instead of random weights, as nnUNetv2_train's flag does; the "
+                        "run goes to samunetTrainer_unet_ssl[_nN] so it never overwrites the model from scratch")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     a = p.parse_args(argv)
     _setup_logging()
@@ -189,7 +193,28 @@ def train_entry(argv=None):
                  continue_training=a.c, validation_only=a.val, device=a.device, save_probabilities=a.npz,
                  use_cache=False if a.no_cache else None,
                  checkpoint="checkpoint_best.pth" if a.val_best else "checkpoint_final.pth", batch_size=a.batch_size,
-                 patience=a.patience, augmented_views=a.augmented_views)
+                 patience=a.patience, augmented_views=a.augmented_views, pretrained_weights=a.pretrained_weights)
+
+
+@_entry
+def pretrain_entry(argv=None):
+    p = argparse.ArgumentParser(prog="samunet_pretrain",
+                                description="Self-supervised pre-training (masked image modelling) of the from-scratch "
+                                            "U-Net on every training slice of a fold, labels unused; fine-tune it "
+                                            "with samunet_train ... --head unet --pretrained_weights.")
+    p.add_argument("dataset", help="data set id or name")
+    p.add_argument("configuration", help="2d or 2.5d")
+    p.add_argument("fold", help="0-4, or 'all' to pre-train on every case")
+    p.add_argument("--epochs", type=int, default=None, help="default: the U-Net's epochs in the plans")
+    p.add_argument("--iterations_per_epoch", type=int, default=None, help="default: set by the plans")
+    p.add_argument("--batch_size", type=int, default=None, help="default: set by the plans")
+    p.add_argument("--c", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    a = p.parse_args(argv)
+    _setup_logging()
+    from samunet.training.pretrain import run_pretraining
+    run_pretraining(a.dataset, a.configuration, a.fold, epochs=a.epochs, iterations_per_epoch=a.iterations_per_epoch,
+                    batch_size=a.batch_size, device=a.device, continue_training=a.c)
 
 
 def _add_predict_options(p: argparse.ArgumentParser) -> None:

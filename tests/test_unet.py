@@ -82,3 +82,62 @@ def test_unet_predicts_in_the_input_geometry_with_mirroring(unet_run, tmp_path):
     assert a.GetSize() == b.GetSize() and a.GetSpacing() == b.GetSpacing()
     assert a.GetOrigin() == b.GetOrigin() and a.GetDirection() == b.GetDirection()
     assert set(np.unique(sitk.GetArrayFromImage(b))) <= {0, 1, 2}
+
+
+def test_pretraining_reconstructs_and_fine_tuning_starts_from_it(unet_run, tmp_path, capsys):
+    """samunet_pretrain (masked image modelling, labels unused) on the real slices of the fold, then
+    samunet_train --head unet --pretrained_weights: the fine-tuning starts from the pre-trained values."""
+    from samunet.cli import pretrain_entry, train_entry
+    from samunet.training.checkpoint import load_checkpoint, save_checkpoint
+    from samunet.training.pretrain import OUTPUT_LAYER, PRETRAINER, run_pretraining
+    from samunet.training.trainer import Trainer
+    scratch, _ = unet_run
+    p = run_pretraining(4, "2d", 0, epochs=3, iterations_per_epoch=6, batch_size=4, device="cpu")
+    assert p.output.parent.name == f"{PRETRAINER}__samunetPlans__2d"
+    assert sorted(p.train_ids) == sorted(scratch.train_ids)  # every training case of the fold, not a subset
+    assert p.train_data.sampler.with_any == []              # rows drawn uniformly: labels never consulted
+    log = p.log
+    assert log["val_loss"][-1] < log["val_loss"][0], log["val_loss"]          # masked pixels reconstructed better
+    assert log["pseudo_dice"][-1] > log["pseudo_dice"][0], log["pseudo_dice"]  # R^2 on the masked pixels rises
+    ckpt = p.output / "checkpoint_final.pth"
+    pre = load_checkpoint(ckpt)["head_state"]
+
+    t = Trainer(4, "2d", 0, head="unet", epochs=1, iterations_per_epoch=2, batch_size=4, device="cpu",
+                pretrained_weights=ckpt)
+    t.initialize()
+    own = t.head.state_dict()
+    body = [k for k in own if OUTPUT_LAYER not in k]
+    assert len(body) > 20 and all(torch.equal(own[k], pre[k]) for k in body)
+    used = sorted(k for k in own if OUTPUT_LAYER in k and k.endswith("weight"))[-1]  # the output layer in use
+    assert not torch.equal(own[used], pre[used])  # freshly initialised, not the reconstruction layer
+    assert t.output.parent.name == "samunetTrainer_unet_ssl__samunetPlans__2d"  # never overwrites the scratch run
+    t.run()
+    assert "initialised from" in t.text.path.read_text()
+    assert load_checkpoint(t.output / "checkpoint_final.pth")["pretrained_weights"] == str(ckpt)
+
+    # refused: a trained segmentation model, another data set's pre-training, another topology
+    state = load_checkpoint(ckpt)
+    capsys.readouterr()
+    foreign = {"segmentation.pth": (scratch.output / "checkpoint_final.pth", "not a samunet_pretrain checkpoint"),
+               "other_dataset.pth": ({**state, "dataset_name": "Dataset005_Prostate"}, "dataset_name"),
+               "other_topology.pth": ({**state, "unet_architecture": {**state["unet_architecture"],
+                                                                      "n_stages": 5}}, "another topology")}
+    for name, (what, message) in foreign.items():
+        path = what if isinstance(what, Path) else tmp_path / name
+        if not isinstance(what, Path):
+            save_checkpoint(what, path)
+        with pytest.raises(SystemExit) as e:
+            train_entry(["4", "2d", "0", "--head", "unet", "--epochs", "1", "--iterations_per_epoch", "1",
+                         "--batch_size", "2", "--device", "cpu", "--num_labeled_cases", "2",
+                         "--pretrained_weights", str(path)])
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]  # after any log lines of the set-up
+        assert e.value.code == 1 and last.startswith(f"error: {path}") and message in last and "Traceback" not in err
+    with pytest.raises(SystemExit) as e:
+        train_entry(["4", "2d", "0", "--head", "autosam", "--pretrained_weights", str(ckpt)])
+    assert e.value.code == 1 and "--head unet" in capsys.readouterr().err
+    # an interrupted pre-training resumes with --c; a finished one is not overwritten
+    with pytest.raises(SystemExit) as e:
+        pretrain_entry(["4", "2d", "0", "--epochs", "3", "--iterations_per_epoch", "6", "--batch_size", "4",
+                        "--device", "cpu"])
+    assert e.value.code == 1 and "--c" in capsys.readouterr().err

@@ -32,9 +32,10 @@ def parse_model_folder(model_dir: Path) -> tuple[str, str, str]:
 
 
 def head_of(trainer: str) -> str:
-    """``samunetTrainer_autosam_n5`` -> ``autosam``."""
+    """``samunetTrainer_autosam_n5`` -> ``autosam``; ``samunetTrainer_unet_ssl_n5`` (fine-tuned from
+    ``samunet_pretrain``) -> ``unet``."""
     head = trainer[len("samunetTrainer_"):] if trainer.startswith("samunetTrainer_") else trainer
-    return re.sub(r"_n\d+$", "", head)
+    return re.sub(r"(_ssl)?(_n\d+)?$", "", head)
 
 
 class EnsemblePredictor:

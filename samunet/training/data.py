@@ -130,6 +130,13 @@ class CachedData:
         return out
 
 
+def uniform_sampling(data):
+    """``data`` with its foreground oversampling switched off: rows drawn uniformly, labels never consulted
+    (self-supervised pre-training)."""
+    data.sampler = _RowSampler(np.zeros((len(data), 0), bool))
+    return data
+
+
 def neighbour_rows(rows: list) -> tuple[np.ndarray, np.ndarray]:
     """For rows ``[(view,) slice, tile]`` in slice-major, tile-minor order: the row of the previous and of the next
     slice (same view and tile), the row itself at the first and last slice."""

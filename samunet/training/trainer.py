@@ -40,8 +40,10 @@ VAL_ROWS_CACHED = 512
 VAL_ROWS_ON_THE_FLY = 48
 
 
-def trainer_name(head: str, num_labeled_cases: int | None = None) -> str:
-    return f"samunetTrainer_{head}" + (f"_n{num_labeled_cases}" if num_labeled_cases else "")
+def trainer_name(head: str, num_labeled_cases: int | None = None, pretrained: bool = False) -> str:
+    """``samunetTrainer_<head>[_ssl][_n<N>]``; ``_ssl``: the U-Net fine-tuned from ``samunet_pretrain`` weights."""
+    return f"samunetTrainer_{head}" + ("_ssl" if pretrained else "") + \
+        (f"_n{num_labeled_cases}" if num_labeled_cases else "")
 
 
 def model_folder(dataset_name: str, trainer: str, plans_name: str, config: str) -> Path:
@@ -49,11 +51,13 @@ def model_folder(dataset_name: str, trainer: str, plans_name: str, config: str) 
 
 
 class Trainer:
+    score_name = "pseudo Dice"  # the validation score of every epoch, whose moving average decides early stopping
+
     def __init__(self, dataset, configuration: str, fold, head: str | None = None, epochs: int | None = None,
                  iterations_per_epoch: int | None = None, num_labeled_cases: int | None = None,
                  device: str = "auto", use_cache: bool | None = None, seed: int = 12345,
                  ram_budget_mb: float = 4000.0, batch_size: int | None = None, patience: int | None = None,
-                 augmented_views: int | None = None):
+                 augmented_views: int | None = None, pretrained_weights: str | Path | None = None):
         self.dataset_name = resolve_dataset_name(dataset)
         self.pp_folder = preprocessed_folder() / self.dataset_name
         self.plans = load_plans(self.dataset_name)
@@ -90,7 +94,11 @@ class Trainer:
         self.label_values = self.plans["label_values"]
         self.num_classes = len(self.label_values)
         self.batch_size = int(batch_size or self.config["batch_size"])
-        self.trainer = trainer_name(self.head_name, num_labeled_cases)
+        self.pretrained_weights = Path(pretrained_weights) if pretrained_weights else None
+        if self.pretrained_weights is not None and self.head_name not in IMAGE_MODELS:
+            raise SamunetError(f"--pretrained_weights fine-tunes the U-Net (--head {IMAGE_MODELS[0]}) from "
+                               f"samunet_pretrain; the {self.head_name} head starts from the frozen encoder instead")
+        self.trainer = trainer_name(self.head_name, num_labeled_cases, self.pretrained_weights is not None)
         self.model_dir = model_folder(self.dataset_name, self.trainer, self.plans["plans_name"], configuration)
         self.output = self.model_dir / (f"fold_{self.fold}")
         self.log = new_log()
@@ -119,6 +127,7 @@ class Trainer:
                 "preprocessing_identity": self.config["preprocessing_identity"]}
 
     def initialize(self):
+        self.text = TextLog(self.output)
         ids = self._case_ids()
         train, val = get_split(self.pp_folder, ids, self.fold)
         self.train_ids = labeled_subset(train, self.num_labeled_cases, self.fold, self.seed)
@@ -166,18 +175,22 @@ class Trainer:
         n_val = VAL_ROWS_CACHED if self.use_cache else VAL_ROWS_ON_THE_FLY
         rng = np.random.default_rng([self.seed, 10**6])
         self.val_rows = np.sort(rng.permutation(len(self.val_data))[:n_val])
-        self.text = TextLog(self.output)
 
-    def _build_unet(self) -> None:
-        """The from-scratch U-Net: nnU-Net's topology for the encoder input, nnU-Net's optimiser."""
+    def _build_unet(self, num_outputs: int | None = None) -> None:
+        """The from-scratch U-Net: nnU-Net's topology for the encoder input, nnU-Net's optimiser; with
+        ``pretrained_weights``, its weights start from a ``samunet_pretrain`` checkpoint."""
         from samunet.models.unet import unet_block
         arch = self.config.get("unet")
         if arch is None:  # plans written before the planner had a unet block: the same rule, applied here
             arch = unet_block(self.config["patch_size"])
             logger.info("the plans have no 'unet' block; using the planner's rule for %s px", self.config["patch_size"])
         self.unet_architecture = {k: v for k, v in arch.items() if not k.endswith("reason")}
-        self.head = build_model("unet", None, self.num_classes, self.n_enc,
+        self.head = build_model("unet", None, num_outputs or self.num_classes, self.n_enc,
                                 unet_architecture=self.unet_architecture).to(self.device)
+        if self.pretrained_weights is not None:
+            from samunet.training.pretrain import load_pretrained_unet
+            self.text(load_pretrained_unet(self.head, self.pretrained_weights, self._expected(),
+                                           self.unet_architecture))
         self._nnunet_sgd()
 
     def _build_hybrid(self) -> None:
@@ -218,7 +231,8 @@ class Trainer:
                 # mirrors only along these, since a model never shown mirrored inputs may swap left/right labels
                 # (augmented views are encoded with mirroring, so their embeddings are exact)
                 "mirroring_axes": [0, 1] if self.views is not None or not self.use_cache else [],
-                "augmented_views": self.views.views if self.views is not None else 0}
+                "augmented_views": self.views.views if self.views is not None else 0,
+                "pretrained_weights": str(self.pretrained_weights) if self.pretrained_weights else None}
 
     def save(self, name: str) -> None:
         save_checkpoint(self._state(), self.output / name)
@@ -266,12 +280,7 @@ class Trainer:
         losses = []
         batches = BackgroundBatches(self.train_data, self.iterations, self.batch_size, self.seed, self.epoch)
         for batch in tqdm(batches, total=self.iterations, desc=f"epoch {self.epoch}", leave=False):
-            emb, *rest = self._inputs(batch)
-            if self.use_cache:  # feature-space regularisation, valid on cached embeddings
-                emb = F.dropout2d(emb, 0.1) + 0.05 * emb.std() * torch.randn_like(emb)
-            target = batch["target"].to(self.device)
-            with self._autocast():
-                loss = dice_ce_loss(self.head(emb, *rest), target)
+            loss = self._loss(batch)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
@@ -281,6 +290,15 @@ class Trainer:
             losses.append(loss.item())
         self.log["lr"].append(lr)
         return float(np.mean(losses))
+
+    def _loss(self, batch: dict) -> torch.Tensor:
+        """The training loss of one batch (Dice + cross-entropy against the labels)."""
+        emb, *rest = self._inputs(batch)
+        if self.use_cache:  # feature-space regularisation, valid on cached embeddings
+            emb = F.dropout2d(emb, 0.1) + 0.05 * emb.std() * torch.randn_like(emb)
+        target = batch["target"].to(self.device)
+        with self._autocast():
+            return dice_ce_loss(self.head(emb, *rest), target)
 
     @torch.no_grad()
     def validate_epoch(self) -> tuple[float, list[float]]:
@@ -344,7 +362,7 @@ class Trainer:
             if improved:
                 self.save("checkpoint_best.pth")
             plot_progress(self.log, self.output / "progress.png")
-            self.text(f"epoch {self.epoch - 1}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, pseudo Dice "
+            self.text(f"epoch {self.epoch - 1}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, {self.score_name} "
                       f"{[round(d, 4) for d in dice]}, moving average {ema:.4f}"
                       f"{' (new best)' if improved else ''}, {self.log['epoch_time'][-1]:.1f} s")
         if self._plateaued():
@@ -389,7 +407,8 @@ class Trainer:
                    "train_cases": self.train_ids, "val_cases": self.val_ids, "use_cache": bool(self.use_cache),
                    "device": str(self.device), "seed": self.seed, "initial_lr": self.initial_lr,
                    "early_stopping_patience": self.patience,
-                   "augmented_views": self.views.views if self.views is not None else 0},
+                   "augmented_views": self.views.views if self.views is not None else 0,
+                   "pretrained_weights": str(self.pretrained_weights) if self.pretrained_weights else None},
                   self.output / "debug.json")
 
     # ----------------------------------------------------------------- final validation
@@ -437,11 +456,11 @@ class Trainer:
 def run_training(dataset, configuration: str, fold, head=None, epochs=None, iterations_per_epoch=None,
                  num_labeled_cases=None, continue_training=False, validation_only=False, device="auto",
                  save_probabilities=False, use_cache=None, checkpoint="checkpoint_final.pth",
-                 batch_size=None, patience=None, augmented_views=None) -> Trainer:
+                 batch_size=None, patience=None, augmented_views=None, pretrained_weights=None) -> Trainer:
     """Train one fold (or, with ``validation_only``, only rerun its final validation)."""
     t = Trainer(dataset, configuration, fold, head=head, epochs=epochs, iterations_per_epoch=iterations_per_epoch,
                 num_labeled_cases=num_labeled_cases, device=device, use_cache=use_cache, batch_size=batch_size,
-                patience=patience, augmented_views=augmented_views)
+                patience=patience, augmented_views=augmented_views, pretrained_weights=pretrained_weights)
     if not validation_only:
         t.run(continue_training)
     t.final_validation(checkpoint, save_probabilities)
