@@ -39,6 +39,8 @@ setup(
             "samunet_ensemble=samunet.cli:ensemble_entry",
             "samunet_apply_postprocessing=samunet.cli:apply_postprocessing_entry",
             "samunet_zeroshot=samunet.zeroshot.cli:zeroshot_entry",
+            "samunet_export_model_to_zip=samunet.sharing.cli:export_model_to_zip_entry",
+            "samunet_install_pretrained_model_from_zip=samunet.sharing.cli:install_pretrained_model_from_zip_entry",
         ]
     },
 )

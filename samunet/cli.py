@@ -202,15 +202,23 @@ def _add_predict_options(p: argparse.ArgumentParser) -> None:
                                                              "on cached embeddings)")
     p.add_argument("--save_probabilities", action="store_true", help="also write CASE.npz with probabilities")
     p.add_argument("--continue_prediction", action="store_true", help="skip cases whose output already exists")
-    p.add_argument("-npp", type=int, default=1, help="accepted for nnU-Net compatibility; prediction runs in-process")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("-step_size", type=float, default=None,
+                   help="sliding-window step as a fraction of the tile (default: the plans', 0.5 as in nnU-Net); "
+                        "only configurations planned as sliding_window use tiles")
+    p.add_argument("-npp", type=int, default=2,
+                   help="worker threads reading and preprocessing cases ahead (default 2; nnU-Net: 3 processes; "
+                        "threads here, since the models predict in this process and use every core)")
+    p.add_argument("-nps", type=int, default=2,
+                   help="worker threads resampling and writing predictions (default 2; nnU-Net: 3 processes)")
+    p.add_argument("--device", "-device", dest="device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--disable_progress_bar", action="store_true", help="no progress bar (for logs and batch jobs)")
 
 
 def _predict(a, model_dir) -> None:
-    from samunet.inference.predict import predict_folder
-    predict_folder(a.i, a.o, model_dir, folds=a.f, checkpoint=a.chk, tta=not a.disable_tta,
-                   save_probabilities=a.save_probabilities, continue_prediction=a.continue_prediction,
-                   device=a.device)
+    from samunet.inference.samunet_predictor import SamunetPredictor
+    predictor = SamunetPredictor(a.step_size, not a.disable_tta, a.device, not a.disable_progress_bar)
+    predictor.initialize_from_trained_model_folder(model_dir, a.f, a.chk)
+    predictor.predict_from_files(a.i, a.o, a.save_probabilities, not a.continue_prediction, a.npp, a.nps)
 
 
 @_entry
@@ -222,6 +230,8 @@ def predict_entry(argv=None):
     p.add_argument("-c", required=True, help="configuration (2d or 2.5d)")
     p.add_argument("--head", default=None, choices=HEADS,
                    help="head whose models to use (default: the plans' head)")
+    p.add_argument("-tr", default=None, help="trainer name as in the results folder, e.g. samunetTrainer_autosam "
+                                             "(nnU-Net's -tr; the same as --head autosam)")
     p.add_argument("-p", default="samunetPlans", help="plans name")
     p.add_argument("--num_labeled_cases", type=int, default=None,
                    help="use the models trained with --num_labeled_cases N")
@@ -231,6 +241,10 @@ def predict_entry(argv=None):
     from samunet.training.trainer import model_folder, trainer_name
     from samunet.utils import load_json
     name = resolve_dataset_name(a.d)
+    if a.tr is not None:
+        from samunet.inference.predict import check_trainer_name
+        check_trainer_name(a.tr, a.head, a.num_labeled_cases)
+        return _predict(a, model_folder(name, a.tr, a.p, a.c))
     head = a.head
     if head is None:
         candidates = sorted((results_folder() / name).glob(f"samunetTrainer_*__{a.p}__{a.c}"))
