@@ -41,6 +41,8 @@ setup(
             "samunet_zeroshot=samunet.zeroshot.cli:zeroshot_entry",
             "samunet_export_model_to_zip=samunet.sharing.cli:export_model_to_zip_entry",
             "samunet_install_pretrained_model_from_zip=samunet.sharing.cli:install_pretrained_model_from_zip_entry",
+            "samunet_plot_overlay_pngs=samunet.reports.cli:plot_overlay_pngs_entry",
+            "samunet_report=samunet.reports.cli:report_entry",
         ]
     },
 )
