@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from functools import wraps
 
@@ -129,12 +130,13 @@ def preprocess_entry(argv=None):
                                 description="Preprocess the training cases as the plans say (resumable).")
     _add_dataset(p)
     p.add_argument("-c", nargs="+", default=None, metavar="CONFIG", help="configuration(s) (default: all)")
+    p.add_argument("-plans_name", default="samunetPlans", help="plans to preprocess with (default samunetPlans)")
     _add_np(p)
     a = p.parse_args(argv)
     _setup_logging()
     from samunet.plan_and_preprocess import preprocess
     for d in a.d:
-        preprocess(d, a.c, a.np)
+        preprocess(d, a.c, a.np, a.plans_name)
 
 
 @_entry
@@ -161,6 +163,9 @@ def train_entry(argv=None):
     p.add_argument("--head", default=None, choices=HEADS,
                    help="head to train (default: the one the plans chose); unet trains nnU-Net's 2D U-Net from "
                         "scratch on the images instead, the no-pretraining baseline")
+    p.add_argument("-tr", default=None, help="trainer name, e.g. samunetTrainer_autosam (nnU-Net's -tr; the same as "
+                                             "--head autosam; samunetTrainer_autosam_n5 adds --num_labeled_cases 5)")
+    p.add_argument("-p", default="samunetPlans", help="plans name (default samunetPlans)")
     p.add_argument("--epochs", type=int, default=None, help="number of epochs (default: set by the plans)")
     p.add_argument("--iterations_per_epoch", type=int, default=None, help="default: set by the plans")
     p.add_argument("--batch_size", type=int, default=None,
@@ -180,16 +185,21 @@ def train_entry(argv=None):
                    help="augmented views of each labelled slice to encode once and train on (rotation, scaling, "
                         "mirroring, intensity; exact embeddings); default: as many as 4000 encoder calls allow "
                         "(at most 16) for the hybrid head, 0 for the others")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", "-device", dest="device", default="auto", choices=["auto", "cpu", "cuda"])
     a = p.parse_args(argv)
     _setup_logging()
     from samunet.training.trainer import run_training
+    if a.tr is not None:
+        from samunet.inference.predict import check_trainer_name
+        a.head = check_trainer_name(a.tr, a.head, a.num_labeled_cases)
+        n = re.search(r"_n(\d+)$", a.tr)
+        a.num_labeled_cases = a.num_labeled_cases or (int(n.group(1)) if n else None)
     run_training(a.dataset, a.configuration, a.fold, head=a.head, epochs=a.epochs,
                  iterations_per_epoch=a.iterations_per_epoch, num_labeled_cases=a.num_labeled_cases,
                  continue_training=a.c, validation_only=a.val, device=a.device, save_probabilities=a.npz,
                  use_cache=False if a.no_cache else None,
                  checkpoint="checkpoint_best.pth" if a.val_best else "checkpoint_final.pth", batch_size=a.batch_size,
-                 patience=a.patience, augmented_views=a.augmented_views)
+                 patience=a.patience, augmented_views=a.augmented_views, plans_name=a.p)
 
 
 def _add_predict_options(p: argparse.ArgumentParser) -> None:
