@@ -107,3 +107,21 @@ def hippo_env(_hippo_trained, monkeypatch):
 def trained(_hippo_trained, hippo_env):
     """(trainer, untrained validation Dice) of the session's autosam model (fold 0, 4 labelled cases)."""
     return _hippo_trained[1], _hippo_trained[2]
+
+
+@pytest.fixture(scope="session")
+def hippo_cli_prediction(_hippo_trained, tmp_path_factory):
+    """``samunet_predict`` (a subprocess, default options) with the session's model on its first validation case:
+    (case, input folder, output folder)."""
+    import subprocess
+    import sys
+    root, t, _ = _hippo_trained
+    case = t.val_ids[0]
+    inp, out = tmp_path_factory.mktemp("cli_in"), tmp_path_factory.mktemp("cli_out")
+    shutil.copy(HIPPO / "imagesTr" / f"{case}_0000.nii.gz", inp)
+    env = dict(os.environ, **{k: str(root / k) for k in ("samunet_raw", "samunet_preprocessed", "samunet_results")})
+    r = subprocess.run([sys.executable, "-c", "from samunet.cli import predict_entry as m; m()", "-i", str(inp),
+                        "-o", str(out), "-d", "4", "-c", "2d", "-f", "0", "--num_labeled_cases", "4"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    return case, inp, out

@@ -87,3 +87,24 @@ def test_report_of_a_fold_validation_opens_in_headless_chromium_with_its_images(
     for src, complete, width, height in loaded:
         assert complete and width > 0 and height > 0, src  # every image loaded and decoded
     assert "samunet report" in r.stdout and "Per case, worst first" in r.stdout
+
+
+def test_report_and_overlays_of_an_evaluated_samunet_predict_folder(trained, hippo_cli_prediction, tmp_path):
+    from samunet.evaluation.cli import evaluate_folder_entry
+    t, _ = trained
+    case, _, out = hippo_cli_prediction
+    pred = tmp_path / "pred"
+    shutil.copytree(out, pred)  # the session's prediction stays as it is
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    shutil.copy(HIPPO / "labelsTr" / f"{case}.nii.gz", gt)
+    evaluate_folder_entry([str(gt), str(pred), "-djfile", str(HIPPO / "dataset.json")])
+    report_entry([str(pred)])
+    page = (pred / "report.html").read_text()
+    assert f">{case}.nii.gz</a>" in page and "samunetTrainer_autosam_n4__samunetPlans__2d folds 0" in page
+    assert (pred / "report_files" / f"{case}.png").is_file() and (pred / "report_files" / "progress.png").is_file()
+    assert html.escape(json.loads((t.model_dir / "plans.json").read_text())["configurations"]["2d"]["head_reason"]) \
+        in page
+    plot_overlay_pngs_entry(["-i", str(pred), "-o", str(tmp_path / "png"), "--reference", str(gt)])
+    png = imread(tmp_path / "png" / f"{case}.png")
+    assert png.shape[1] > png.shape[0]  # reference and prediction panels

@@ -2,10 +2,6 @@
 from an in-memory array; an exported model installs into an empty samunet_results and predicts identically;
 unsafe zips and foreign encoders are refused with nothing written."""
 import json
-import os
-import shutil
-import subprocess
-import sys
 import zipfile
 
 import numpy as np
@@ -45,25 +41,10 @@ def _rezip(src, dst, manifest_edit=None, extra=None):
     return dst
 
 
-@pytest.fixture(scope="module")
-def cli_prediction(_hippo_trained, tmp_path_factory):
-    """``samunet_predict`` (a subprocess, default options) on the first validation case: (case, output folder)."""
-    root, t, _ = _hippo_trained
-    case = t.val_ids[0]
-    inp, out = tmp_path_factory.mktemp("in"), tmp_path_factory.mktemp("cli_out")
-    shutil.copy(HIPPO / "imagesTr" / f"{case}_0000.nii.gz", inp)
-    env = dict(os.environ, **{k: str(root / k) for k in ("samunet_raw", "samunet_preprocessed", "samunet_results")})
-    r = subprocess.run([sys.executable, "-c", "from samunet.cli import predict_entry as m; m()", "-i", str(inp),
-                        "-o", str(out), "-d", "4", "-c", "2d", "-f", "0", "--num_labeled_cases", "4"],
-                       capture_output=True, text=True, env=env)
-    assert r.returncode == 0, r.stderr
-    return case, inp, out
-
-
-def test_predict_single_npy_array_equals_samunet_predict(trained, cli_prediction):
+def test_predict_single_npy_array_equals_samunet_predict(trained, hippo_cli_prediction):
     from samunet.inference.samunet_predictor import SamunetPredictor
     t, _ = trained
-    case, _, out = cli_prediction
+    case, _, out = hippo_cli_prediction
     img = sitk.ReadImage(str(HIPPO / "imagesTr" / f"{case}_0000.nii.gz"))  # as a viewer holds it: an array
     image = sitk.GetArrayFromImage(img)[None].astype(np.float32)        # (C, Z, Y, X) and its spacing
     predictor = SamunetPredictor(device="cpu").initialize_from_trained_model_folder(t.model_dir, [0])
@@ -89,8 +70,8 @@ def exported(trained, tmp_path):
     return t, out
 
 
-def test_exported_model_installs_into_empty_results_and_predicts_identically(exported, cli_prediction, tmp_path,
-                                                                               monkeypatch, capsys):
+def test_exported_model_installs_into_empty_results_and_predicts_identically(exported, hippo_cli_prediction,
+                                                                               tmp_path, monkeypatch, capsys):
     t, zip_file = exported
     with zipfile.ZipFile(zip_file) as z:
         names = set(z.namelist())
@@ -108,7 +89,7 @@ def test_exported_model_installs_into_empty_results_and_predicts_identically(exp
     assert enc["weights_sha256"] == t.encoder.weights_sha256
     assert fingerprint["dims"] == [3] and "case_identifiers" not in fingerprint and "spacings" not in fingerprint
 
-    case, inp, cli_out = cli_prediction
+    case, inp, cli_out = hippo_cli_prediction
     original = t.model_dir
     empty = tmp_path / "other_results"
     empty.mkdir()

@@ -35,7 +35,7 @@ def entry_problem(info: zipfile.ZipInfo, dataset_name: str) -> str | None:
         return "a path with '..' that would land outside samunet_results"
     if stat.S_ISLNK(info.external_attr >> 16):
         return "a symbolic link"
-    if name != MANIFEST and (len(parts) < 2 or parts[0] != dataset_name):
+    if name != MANIFEST and (not parts or parts[0] != dataset_name or (len(parts) < 2 and not info.is_dir())):
         return f"outside the data set folder {dataset_name}/"
     return None
 
