@@ -225,7 +225,9 @@ def _add_predict_options(p: argparse.ArgumentParser) -> None:
 
 
 def _predict(a, model_dir) -> None:
+    from samunet.inference.predict import check_folders
     from samunet.inference.samunet_predictor import SamunetPredictor
+    check_folders(a.i, a.o)  # before the models are loaded
     predictor = SamunetPredictor(a.step_size, not a.disable_tta, a.device, not a.disable_progress_bar)
     predictor.initialize_from_trained_model_folder(model_dir, a.f, a.chk)
     predictor.predict_from_files(a.i, a.o, a.save_probabilities, not a.continue_prediction, a.npp, a.nps)

@@ -146,14 +146,20 @@ class EnsemblePredictor:
         write_seg(seg, props["original"], output_file)
 
 
-def predict_folder(input_folder, output_folder, model_dir, folds=None, checkpoint="checkpoint_final.pth",
-                   tta: bool = True, save_probabilities: bool = False, continue_prediction: bool = False,
-                   device: str = "auto", tile_step_size: float | None = None, num_processes_preprocessing: int = 1,
-                   num_processes_export: int = 1, progress: bool = True) -> dict:
+def check_folders(input_folder, output_folder) -> tuple[Path, Path]:
+    """Refuse a missing input folder or an output folder that cannot be written, before any model is loaded."""
     input_folder, output_folder = Path(input_folder), Path(output_folder)
     if not input_folder.is_dir():
         raise SamunetError(f"{input_folder}: input folder not found")
     check_writable_folder(output_folder, "the output folder (-o)")
+    return input_folder, output_folder
+
+
+def predict_folder(input_folder, output_folder, model_dir, folds=None, checkpoint="checkpoint_final.pth",
+                   tta: bool = True, save_probabilities: bool = False, continue_prediction: bool = False,
+                   device: str = "auto", tile_step_size: float | None = None, num_processes_preprocessing: int = 1,
+                   num_processes_export: int = 1, progress: bool = True) -> dict:
+    check_folders(input_folder, output_folder)
     predictor = EnsemblePredictor(model_dir, folds, checkpoint, device, tta, tile_step_size)
     return predict_cases(predictor, input_folder, output_folder, save_probabilities, continue_prediction,
                          num_processes_preprocessing, num_processes_export, progress)
@@ -165,10 +171,7 @@ def predict_cases(predictor: EnsemblePredictor, input_folder, output_folder, sav
     """Predict every case of ``input_folder`` into ``output_folder``. Reading and preprocessing run ahead in
     ``num_processes_preprocessing`` worker threads and export in ``num_processes_export`` threads, while the
     models predict in this one; the outputs do not depend on the numbers of workers."""
-    input_folder, output_folder = Path(input_folder), Path(output_folder)
-    if not input_folder.is_dir():
-        raise SamunetError(f"{input_folder}: input folder not found")
-    check_writable_folder(output_folder, "the output folder (-o)")
+    input_folder, output_folder = check_folders(input_folder, output_folder)
     npp, nps = int(num_processes_preprocessing), int(num_processes_export)
     if npp < 1 or nps < 1:
         raise SamunetError(f"-npp {npp} / -nps {nps}: the numbers of workers must be at least 1")

@@ -22,7 +22,7 @@ import numpy as np
 from samunet.inference.predict import EnsemblePredictor, predict_cases
 from samunet.inference.predictor import probabilities_to_segmentation
 from samunet.preprocessing.preprocessor import preprocess_array
-from samunet.utils import SamunetError, check_writable_folder
+from samunet.utils import SamunetError
 
 
 class SamunetPredictor:
@@ -54,7 +54,6 @@ class SamunetPredictor:
                            num_processes_segmentation_export: int = 1) -> dict:
         """Predict every ``CASE_XXXX<ending>`` case of ``source_folder`` into ``output_folder`` (original geometry;
         ``overwrite=False`` skips cases already predicted). Returns ``{"predicted": [...], "skipped": [...]}``."""
-        check_writable_folder(output_folder, "the output folder (-o)")
         return predict_cases(self._ready(), source_folder, output_folder, save_probabilities, not overwrite,
                              num_processes_preprocessing, num_processes_segmentation_export, self.allow_tqdm)
 
