@@ -40,6 +40,12 @@ setup(
             "samunet_apply_postprocessing=samunet.cli:apply_postprocessing_entry",
             "samunet_zeroshot=samunet.zeroshot.cli:zeroshot_entry",
             "samunet_pretrain=samunet.cli:pretrain_entry",
+            "samunet_export_model_to_zip=samunet.sharing.cli:export_model_to_zip_entry",
+            "samunet_install_pretrained_model_from_zip=samunet.sharing.cli:install_pretrained_model_from_zip_entry",
+            "samunet_plot_overlay_pngs=samunet.reports.cli:plot_overlay_pngs_entry",
+            "samunet_report=samunet.reports.cli:report_entry",
+            "samunet_accumulate_crossval_results=samunet.crossval_and_plans_cli:accumulate_crossval_results_entry",
+            "samunet_move_plans_between_datasets=samunet.crossval_and_plans_cli:move_plans_between_datasets_entry",
         ]
     },
 )

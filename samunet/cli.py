@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from functools import wraps
 
@@ -129,12 +130,13 @@ def preprocess_entry(argv=None):
                                 description="Preprocess the training cases as the plans say (resumable).")
     _add_dataset(p)
     p.add_argument("-c", nargs="+", default=None, metavar="CONFIG", help="configuration(s) (default: all)")
+    p.add_argument("-plans_name", default="samunetPlans", help="plans to preprocess with (default samunetPlans)")
     _add_np(p)
     a = p.parse_args(argv)
     _setup_logging()
     from samunet.plan_and_preprocess import preprocess
     for d in a.d:
-        preprocess(d, a.c, a.np)
+        preprocess(d, a.c, a.np, a.plans_name)
 
 
 @_entry
@@ -161,6 +163,9 @@ def train_entry(argv=None):
     p.add_argument("--head", default=None, choices=HEADS,
                    help="head to train (default: the one the plans chose); unet trains nnU-Net's 2D U-Net from "
                         "scratch on the images instead, the no-pretraining baseline")
+    p.add_argument("-tr", default=None, help="trainer name, e.g. samunetTrainer_autosam (nnU-Net's -tr; the same as "
+                                             "--head autosam; samunetTrainer_autosam_n5 adds --num_labeled_cases 5)")
+    p.add_argument("-p", default="samunetPlans", help="plans name (default samunetPlans)")
     p.add_argument("--epochs", type=int, default=None, help="number of epochs (default: set by the plans)")
     p.add_argument("--iterations_per_epoch", type=int, default=None, help="default: set by the plans")
     p.add_argument("--batch_size", type=int, default=None,
@@ -184,16 +189,25 @@ def train_entry(argv=None):
                    help="with --head unet: start from a samunet_pretrain checkpoint (self-supervised, same data set, "
                         "configuration and topology) instead of random weights, as nnUNetv2_train's flag does; the "
                         "run goes to samunetTrainer_unet_ssl[_nN] so it never overwrites the model from scratch")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", "-device", dest="device", default="auto", choices=["auto", "cpu", "cuda"])
     a = p.parse_args(argv)
     _setup_logging()
     from samunet.training.trainer import run_training
+    if a.tr is not None:
+        from samunet.inference.predict import check_trainer_name
+        a.head = check_trainer_name(a.tr, a.head, a.num_labeled_cases)
+        if ("_ssl" in a.tr) != (a.pretrained_weights is not None):
+            raise SamunetError(f"-tr {a.tr}: samunetTrainer_unet_ssl[_nN] is the U-Net fine-tuned from samunet_pretrain "
+                               "weights; give --pretrained_weights exactly with it")
+        n = re.search(r"_n(\d+)$", a.tr)
+        a.num_labeled_cases = a.num_labeled_cases or (int(n.group(1)) if n else None)
     run_training(a.dataset, a.configuration, a.fold, head=a.head, epochs=a.epochs,
                  iterations_per_epoch=a.iterations_per_epoch, num_labeled_cases=a.num_labeled_cases,
                  continue_training=a.c, validation_only=a.val, device=a.device, save_probabilities=a.npz,
                  use_cache=False if a.no_cache else None,
                  checkpoint="checkpoint_best.pth" if a.val_best else "checkpoint_final.pth", batch_size=a.batch_size,
-                 patience=a.patience, augmented_views=a.augmented_views, pretrained_weights=a.pretrained_weights)
+                 patience=a.patience, augmented_views=a.augmented_views, pretrained_weights=a.pretrained_weights,
+                 plans_name=a.p)
 
 
 @_entry
@@ -209,7 +223,7 @@ def pretrain_entry(argv=None):
     p.add_argument("--iterations_per_epoch", type=int, default=None, help="default: set by the plans")
     p.add_argument("--batch_size", type=int, default=None, help="default: set by the plans")
     p.add_argument("--c", action="store_true", help="continue from the latest checkpoint")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", "-device", dest="device", default="auto", choices=["auto", "cpu", "cuda"])
     a = p.parse_args(argv)
     _setup_logging()
     from samunet.training.pretrain import run_pretraining
@@ -227,15 +241,25 @@ def _add_predict_options(p: argparse.ArgumentParser) -> None:
                                                              "on cached embeddings)")
     p.add_argument("--save_probabilities", action="store_true", help="also write CASE.npz with probabilities")
     p.add_argument("--continue_prediction", action="store_true", help="skip cases whose output already exists")
-    p.add_argument("-npp", type=int, default=1, help="accepted for nnU-Net compatibility; prediction runs in-process")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("-step_size", type=float, default=None,
+                   help="sliding-window step as a fraction of the tile (default: the plans', 0.5 as in nnU-Net); "
+                        "only configurations planned as sliding_window use tiles")
+    p.add_argument("-npp", type=int, default=2,
+                   help="worker threads reading and preprocessing cases ahead (default 2; nnU-Net: 3 processes; "
+                        "threads here, since the models predict in this process and use every core)")
+    p.add_argument("-nps", type=int, default=2,
+                   help="worker threads resampling and writing predictions (default 2; nnU-Net: 3 processes)")
+    p.add_argument("--device", "-device", dest="device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--disable_progress_bar", action="store_true", help="no progress bar (for logs and batch jobs)")
 
 
 def _predict(a, model_dir) -> None:
-    from samunet.inference.predict import predict_folder
-    predict_folder(a.i, a.o, model_dir, folds=a.f, checkpoint=a.chk, tta=not a.disable_tta,
-                   save_probabilities=a.save_probabilities, continue_prediction=a.continue_prediction,
-                   device=a.device)
+    from samunet.inference.predict import check_folders
+    from samunet.inference.samunet_predictor import SamunetPredictor
+    check_folders(a.i, a.o)  # before the models are loaded
+    predictor = SamunetPredictor(a.step_size, not a.disable_tta, a.device, not a.disable_progress_bar)
+    predictor.initialize_from_trained_model_folder(model_dir, a.f, a.chk)
+    predictor.predict_from_files(a.i, a.o, a.save_probabilities, not a.continue_prediction, a.npp, a.nps)
 
 
 @_entry
@@ -247,6 +271,8 @@ def predict_entry(argv=None):
     p.add_argument("-c", required=True, help="configuration (2d or 2.5d)")
     p.add_argument("--head", default=None, choices=HEADS,
                    help="head whose models to use (default: the plans' head)")
+    p.add_argument("-tr", default=None, help="trainer name as in the results folder, e.g. samunetTrainer_autosam "
+                                             "(nnU-Net's -tr; the same as --head autosam)")
     p.add_argument("-p", default="samunetPlans", help="plans name")
     p.add_argument("--num_labeled_cases", type=int, default=None,
                    help="use the models trained with --num_labeled_cases N")
@@ -256,6 +282,10 @@ def predict_entry(argv=None):
     from samunet.training.trainer import model_folder, trainer_name
     from samunet.utils import load_json
     name = resolve_dataset_name(a.d)
+    if a.tr is not None:
+        from samunet.inference.predict import check_trainer_name
+        check_trainer_name(a.tr, a.head, a.num_labeled_cases)
+        return _predict(a, model_folder(name, a.tr, a.p, a.c))
     head = a.head
     if head is None:
         candidates = sorted((results_folder() / name).glob(f"samunetTrainer_*__{a.p}__{a.c}"))

@@ -92,10 +92,11 @@ def _check_sizes(plans: dict, fingerprint: dict, configurations, memory_gb, file
                            + "\n  - ".join(problems))
 
 
-def preprocess(dataset, configurations: list[str] | None = None, num_processes: int = 2) -> dict[str, list[str]]:
+def preprocess(dataset, configurations: list[str] | None = None, num_processes: int = 2,
+               plans_name: str = PLANS_NAME) -> dict[str, list[str]]:
     """Preprocess the training cases for each configuration (configurations sharing data are done once)."""
     name, folder = _raw_dataset_folder(dataset)
-    plans = load_plans(name)
+    plans = load_plans(name, plans_name)
     info = load_dataset_json(folder)
     cases = training_cases(info)
     missing = [str(c.label_file) for c in cases if not c.label_file.is_file()]

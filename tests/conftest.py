@@ -75,3 +75,53 @@ def planned_hippocampus(root: Path, n_cases: int):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+# ------------------------------------------------------------------ one trained Hippocampus model for the session
+@pytest.fixture(scope="session")
+def _hippo_trained(tmp_path_factory):
+    """20 real cases planned and preprocessed (fold 0 validates on 4 of them); autosam trained briefly on 4
+    labelled cases of fold 0, with its final validation. Returns (root, trainer, untrained validation Dice)."""
+    import numpy as np
+    root = tmp_path_factory.mktemp("hippo_train")
+    with planned_hippocampus(root, 20):
+        from samunet.training.trainer import Trainer, run_training
+        untrained = Trainer(4, "2d", 0, head="autosam", epochs=1, num_labeled_cases=4, batch_size=8)
+        untrained.initialize()  # builds the embedding cache for the 4 training and 4 validation cases
+        _, dice_before = untrained.validate_epoch()
+        t = run_training(4, "2d", 0, head="autosam", epochs=8, iterations_per_epoch=20, num_labeled_cases=4,
+                         batch_size=8)
+    return root, t, float(np.mean(dice_before))
+
+
+@pytest.fixture
+def hippo_env(_hippo_trained, monkeypatch):
+    """The session's planned Hippocampus folders, with the three environment variables pointing there."""
+    root = _hippo_trained[0]
+    for k in ("samunet_raw", "samunet_preprocessed", "samunet_results"):
+        monkeypatch.setenv(k, str(root / k))
+    return root
+
+
+@pytest.fixture
+def trained(_hippo_trained, hippo_env):
+    """(trainer, untrained validation Dice) of the session's autosam model (fold 0, 4 labelled cases)."""
+    return _hippo_trained[1], _hippo_trained[2]
+
+
+@pytest.fixture(scope="session")
+def hippo_cli_prediction(_hippo_trained, tmp_path_factory):
+    """``samunet_predict`` (a subprocess, default options) with the session's model on its first validation case:
+    (case, input folder, output folder)."""
+    import subprocess
+    import sys
+    root, t, _ = _hippo_trained
+    case = t.val_ids[0]
+    inp, out = tmp_path_factory.mktemp("cli_in"), tmp_path_factory.mktemp("cli_out")
+    shutil.copy(HIPPO / "imagesTr" / f"{case}_0000.nii.gz", inp)
+    env = dict(os.environ, **{k: str(root / k) for k in ("samunet_raw", "samunet_preprocessed", "samunet_results")})
+    r = subprocess.run([sys.executable, "-c", "from samunet.cli import predict_entry as m; m()", "-i", str(inp),
+                        "-o", str(out), "-d", "4", "-c", "2d", "-f", "0", "--num_labeled_cases", "4"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    return case, inp, out

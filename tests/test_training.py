@@ -13,32 +13,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import HIPPO, planned_hippocampus
+from conftest import HIPPO
 from samunet.utils import SamunetError
 
 NAME = "Dataset004_Hippocampus"
 TRAIN = [sys.executable, "-c", "from samunet.cli import train_entry as m; m()"]
 PREDICT = [sys.executable, "-c", "from samunet.cli import predict_entry as m; m()"]
 EVALUATE = [sys.executable, "-c", "from samunet.evaluation.cli import evaluate_folder_entry as m; m()"]
-
-
-@pytest.fixture(scope="module")
-def hippo_env(tmp_path_factory):
-    """20 real cases planned and preprocessed; fold 0 validates on 4 of them."""
-    with planned_hippocampus(tmp_path_factory.mktemp("hippo_train"), 20) as root:
-        yield root
-
-
-@pytest.fixture(scope="module")
-def trained(hippo_env):
-    """autosam on 4 labelled cases of fold 0, briefly; returns the trainer and the untrained validation Dice."""
-    from samunet.training.trainer import Trainer, run_training
-    untrained = Trainer(4, "2d", 0, head="autosam", epochs=1, num_labeled_cases=4, batch_size=8)
-    untrained.initialize()  # builds the embedding cache for the 4 training and 4 validation cases
-    _, dice_before = untrained.validate_epoch()
-    t = run_training(4, "2d", 0, head="autosam", epochs=8, iterations_per_epoch=20, num_labeled_cases=4,
-                     batch_size=8)
-    return t, float(np.mean(dice_before))
 
 
 def test_training_raises_dice_far_above_an_untrained_head(trained):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import re
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +40,26 @@ def head_of(trainer: str) -> str:
     return re.sub(r"(_ssl)?(_n\d+)?$", "", head)
 
 
+def check_trainer_name(trainer: str, head: str | None = None, num_labeled_cases: int | None = None) -> str:
+    """nnU-Net's ``-tr``: ``samunetTrainer_<head>[_ssl][_n<N>]``; returns the head, refusing a name that stands for
+    no head or disagrees with ``--head`` / ``--num_labeled_cases`` given beside it (``_ssl``: the U-Net fine-tuned
+    from ``samunet_pretrain``)."""
+    from samunet.models.specs import HEADS, IMAGE_MODELS
+    m = re.fullmatch(r"samunetTrainer_([a-z0-9]+)(?:_ssl)?(?:_n(\d+))?", trainer)
+    if not m or m.group(1) not in HEADS or ("_ssl" in trainer and m.group(1) not in IMAGE_MODELS):
+        raise SamunetError(f"-tr {trainer}: not a samunet trainer name (samunetTrainer_<head>[_n<N>], head one of "
+                           f"{', '.join(HEADS)}; samunetTrainer_unet_ssl[_n<N>] for the pre-trained U-Net)")
+    if head is not None and head != m.group(1):
+        raise SamunetError(f"-tr {trainer} and --head {head} name different heads; give one of them")
+    n = int(m.group(2)) if m.group(2) else None
+    if num_labeled_cases is not None and num_labeled_cases != n:
+        raise SamunetError(f"-tr {trainer} and --num_labeled_cases {num_labeled_cases} disagree; give one of them")
+    return m.group(1)
+
+
 class EnsemblePredictor:
     def __init__(self, model_dir: str | Path, folds=None, checkpoint: str = "checkpoint_final.pth",
-                 device: str = "auto", tta: bool = True):
+                 device: str = "auto", tta: bool = True, tile_step_size: float | None = None):
         from samunet.models.encoders import encoder_identity
         from samunet.models.specs import IMAGE_MODELS
         from samunet.models.for_plans import build_encoder_for_plans, model_from_state, resolve_device
@@ -53,13 +72,18 @@ class EnsemblePredictor:
         if self.configuration not in self.plans.get("configurations", {}):
             raise SamunetError(f"{self.model_dir / 'plans.json'}: has no configuration '{self.configuration}'")
         self.config = self.plans["configurations"][self.configuration]
+        if tile_step_size is not None:  # sliding-window overlap at prediction time, as nnU-Net's -step_size
+            if not 0 < float(tile_step_size) <= 1:
+                raise SamunetError(f"step size {tile_step_size}: must lie in (0, 1] (a fraction of the tile size)")
+            self.config = {**self.config, "tile_step": float(tile_step_size)}
         fingerprint = self.model_dir / "dataset_fingerprint.json"
         dims = load_json(fingerprint).get("dims", []) if fingerprint.is_file() else []
         self.dims = dims[0] if len(dims) == 1 else None  # the data set's dimensionality, when known
         self.memory_gb = self.plans.get("budgets", {}).get("memory_gb")
         self.label_values = self.plans["label_values"]
         self.device = resolve_device(device)
-        self.tta = tta
+        self.checkpoint = checkpoint
+        self.tta = self.tta_requested = tta
         available = sorted(p.name[len("fold_"):] for p in self.model_dir.glob("fold_*")
                            if (p / checkpoint).is_file())
         if folds is None:
@@ -99,10 +123,21 @@ class EnsemblePredictor:
             self.heads.append(head.to(self.device).eval())
 
     def predict_case(self, image_files, output_file: Path, save_probabilities: bool = False) -> None:
+        data, props = self.preprocess(image_files)
+        self.export(self.predict_preprocessed_case(data), props, Path(output_file), save_probabilities)
+
+    def preprocess(self, image_files) -> tuple[np.ndarray, dict]:
         data, _, props = preprocess_case(image_files, None, self.config, self.label_values, self.dims,
                                          self.memory_gb)
-        probs_pp = predict_preprocessed(data, self.config, self.encoder, self.heads, len(self.label_values),
-                                        tta=self.tta, batch_size=int(self.config["batch_size"]), device=self.device)
+        return data, props
+
+    def predict_preprocessed_case(self, data: np.ndarray) -> np.ndarray:
+        """Preprocessed ``(C, S, Y, X)`` -> averaged class probabilities ``(K, S, Y, X)``."""
+        return predict_preprocessed(data, self.config, self.encoder, self.heads, len(self.label_values),
+                                    tta=self.tta, batch_size=int(self.config["batch_size"]), device=self.device)
+
+    def export(self, probs_pp: np.ndarray, props: dict, output_file: Path, save_probabilities: bool = False) -> None:
+        """Probabilities in preprocessed space -> label file (and ``.npz``) in the original geometry."""
         seg, probs = probabilities_to_segmentation(probs_pp, props, self.label_values)
         if save_probabilities:
             import io
@@ -113,14 +148,35 @@ class EnsemblePredictor:
         write_seg(seg, props["original"], output_file)
 
 
-def predict_folder(input_folder, output_folder, model_dir, folds=None, checkpoint="checkpoint_final.pth",
-                   tta: bool = True, save_probabilities: bool = False, continue_prediction: bool = False,
-                   device: str = "auto") -> dict:
+def check_folders(input_folder, output_folder) -> tuple[Path, Path]:
+    """Refuse a missing input folder or an output folder that cannot be written, before any model is loaded."""
     input_folder, output_folder = Path(input_folder), Path(output_folder)
     if not input_folder.is_dir():
         raise SamunetError(f"{input_folder}: input folder not found")
     check_writable_folder(output_folder, "the output folder (-o)")
-    predictor = EnsemblePredictor(model_dir, folds, checkpoint, device, tta)
+    return input_folder, output_folder
+
+
+def predict_folder(input_folder, output_folder, model_dir, folds=None, checkpoint="checkpoint_final.pth",
+                   tta: bool = True, save_probabilities: bool = False, continue_prediction: bool = False,
+                   device: str = "auto", tile_step_size: float | None = None, num_processes_preprocessing: int = 1,
+                   num_processes_export: int = 1, progress: bool = True) -> dict:
+    check_folders(input_folder, output_folder)
+    predictor = EnsemblePredictor(model_dir, folds, checkpoint, device, tta, tile_step_size)
+    return predict_cases(predictor, input_folder, output_folder, save_probabilities, continue_prediction,
+                         num_processes_preprocessing, num_processes_export, progress)
+
+
+def predict_cases(predictor: EnsemblePredictor, input_folder, output_folder, save_probabilities: bool = False,
+                  continue_prediction: bool = False, num_processes_preprocessing: int = 1,
+                  num_processes_export: int = 1, progress: bool = True) -> dict:
+    """Predict every case of ``input_folder`` into ``output_folder``. Reading and preprocessing run ahead in
+    ``num_processes_preprocessing`` worker threads and export in ``num_processes_export`` threads, while the
+    models predict in this one; the outputs do not depend on the numbers of workers."""
+    input_folder, output_folder = check_folders(input_folder, output_folder)
+    npp, nps = int(num_processes_preprocessing), int(num_processes_export)
+    if npp < 1 or nps < 1:
+        raise SamunetError(f"-npp {npp} / -nps {nps}: the numbers of workers must be at least 1")
     ending = predictor.plans["file_ending"]
     cases = list_cases(input_folder, ending)
     stray = stray_files(input_folder, ending)
@@ -131,29 +187,63 @@ def predict_folder(input_folder, output_folder, model_dir, folds=None, checkpoin
     save_json(predictor.plans, output_folder / "plans.json")
     save_json(predictor.dataset_json, output_folder / "dataset.json")
     save_json({"input_folder": str(input_folder), "model_folder": str(predictor.model_dir), "folds": predictor.folds,
-               "checkpoint": checkpoint, "tta": tta, "tta_applied": predictor.tta,
-               "save_probabilities": save_probabilities,
+               "checkpoint": predictor.checkpoint, "tta": predictor.tta_requested, "tta_applied": predictor.tta,
+               "tile_step_size": predictor.config.get("tile_step"), "save_probabilities": save_probabilities,
                "device": str(predictor.device)}, output_folder / "predict_from_raw_data_args.json")
     n_channels = len(predictor.plans["channel_names"])
-    failed, done, skipped = {}, [], []
+    failed, done, skipped, todo = {}, [], [], []
     for p in stray:
         failed[p.name] = f"{p}: does not match CASE_XXXX{ending} (wrong file ending or name); not predicted"
-    for case in tqdm(cases, desc="predict"):
-        out = output_folder / f"{case.identifier}{ending}"
-        if continue_prediction and out.is_file():
+
+    def fail(case, e: SamunetError) -> None:
+        msg = str(e)
+        if "plans expect" in msg and "channel" in msg:
+            msg += f" (the model was trained on {n_channels} channel(s): {', '.join(predictor.plans['channel_names'])})"
+        failed[case.identifier] = f"case {case.identifier}: {msg}"
+        logger.error("case %s failed: %s", case.identifier, msg)
+
+    for case in cases:
+        if continue_prediction and (output_folder / f"{case.identifier}{ending}").is_file():
             skipped.append(case.identifier)
-            continue
-        try:
-            if case.channel_indices != list(range(len(case.image_files))):
-                raise SamunetError(f"channel files {case.channel_indices} are not numbered 0..N-1")
-            predictor.predict_case(case.image_files, out, save_probabilities)
-            done.append(case.identifier)
-        except SamunetError as e:
-            msg = str(e)
-            if "plans expect" in msg and "channel" in msg:
-                msg += f" (the model was trained on {n_channels} channel(s): {', '.join(predictor.plans['channel_names'])})"
-            failed[case.identifier] = f"case {case.identifier}: {msg}"
-            logger.error("case %s failed: %s", case.identifier, msg)
+        elif case.channel_indices != list(range(len(case.image_files))):
+            fail(case, SamunetError(f"channel files {case.channel_indices} are not numbered 0..N-1"))
+        else:
+            todo.append(case)
+    with ThreadPoolExecutor(npp) as pre, ThreadPoolExecutor(nps) as post:
+        queue, exports = deque(), deque()
+        ahead = iter(todo)
+
+        def read_ahead() -> None:
+            case = next(ahead, None)
+            if case is not None:
+                queue.append((case, pre.submit(predictor.preprocess, case.image_files)))
+
+        def finish_export() -> None:
+            case, future = exports.popleft()
+            try:
+                future.result()
+                done.append(case.identifier)
+            except SamunetError as e:
+                fail(case, e)
+
+        for _ in range(npp):
+            read_ahead()
+        for _ in tqdm(range(len(todo)), desc="predict", disable=not progress):
+            case, future = queue.popleft()
+            read_ahead()
+            try:
+                data, props = future.result()
+                probs = predictor.predict_preprocessed_case(data)
+            except SamunetError as e:
+                fail(case, e)
+                continue
+            del data
+            exports.append((case, post.submit(predictor.export, probs, props, output_folder / f"{case.identifier}"
+                                              f"{ending}", save_probabilities)))
+            while len(exports) > nps:  # bounded: at most nps cases' probabilities wait for export
+                finish_export()
+        while exports:
+            finish_export()
     if skipped:
         logger.info("%d case(s) already predicted were skipped (--continue_prediction)", len(skipped))
     if failed:

@@ -36,10 +36,19 @@ def preprocess_case(image_files, seg_file, config: dict, label_values, dims: int
     """Preprocess one case. ``dims`` (2 or 3, the data set's) and ``memory_gb`` (the plans' budget) add checks
     that refuse a case of the wrong dimensionality or one whose resampling would not fit, before resampling."""
     data, props = read_images(image_files)
-    problems = image_problems(data, props, dims)
-    seg = None
+    seg = seg_props = None
     if seg_file is not None:
         seg, seg_props = read_seg(seg_file)
+    return preprocess_array(data, props, config, label_values, dims, memory_gb, seg, seg_props, seg_file)
+
+
+def preprocess_array(data: np.ndarray, props: dict, config: dict, label_values, dims: int | None = None,
+                     memory_gb: float | None = None, seg: np.ndarray | None = None, seg_props: dict | None = None,
+                     seg_file=None) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """``preprocess_case`` on arrays already in memory: ``data`` ``(C, Z, Y, X)`` with ``props`` as
+    ``read_images`` gives them (``files``, ``spacing``, ``dims``, ``shape``, ``origin``, ``direction``, ``io``)."""
+    problems = image_problems(data, props, dims)
+    if seg is not None:
         problems += label_problems(data, props, seg, seg_props, seg_file, label_values)
     if problems:
         raise SamunetError("; ".join(problems))

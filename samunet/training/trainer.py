@@ -57,10 +57,11 @@ class Trainer:
                  iterations_per_epoch: int | None = None, num_labeled_cases: int | None = None,
                  device: str = "auto", use_cache: bool | None = None, seed: int = 12345,
                  ram_budget_mb: float = 4000.0, batch_size: int | None = None, patience: int | None = None,
-                 augmented_views: int | None = None, pretrained_weights: str | Path | None = None):
+                 augmented_views: int | None = None, pretrained_weights: str | Path | None = None,
+                 plans_name: str = "samunetPlans"):
         self.dataset_name = resolve_dataset_name(dataset)
         self.pp_folder = preprocessed_folder() / self.dataset_name
-        self.plans = load_plans(self.dataset_name)
+        self.plans = load_plans(self.dataset_name, plans_name)
         self.configuration = configuration
         self.config = get_configuration(self.plans, configuration)
         self.fold = "all" if str(fold) == "all" else int(fold)
@@ -456,11 +457,13 @@ class Trainer:
 def run_training(dataset, configuration: str, fold, head=None, epochs=None, iterations_per_epoch=None,
                  num_labeled_cases=None, continue_training=False, validation_only=False, device="auto",
                  save_probabilities=False, use_cache=None, checkpoint="checkpoint_final.pth",
-                 batch_size=None, patience=None, augmented_views=None, pretrained_weights=None) -> Trainer:
+                 batch_size=None, patience=None, augmented_views=None, pretrained_weights=None,
+                 plans_name="samunetPlans") -> Trainer:
     """Train one fold (or, with ``validation_only``, only rerun its final validation)."""
     t = Trainer(dataset, configuration, fold, head=head, epochs=epochs, iterations_per_epoch=iterations_per_epoch,
                 num_labeled_cases=num_labeled_cases, device=device, use_cache=use_cache, batch_size=batch_size,
-                patience=patience, augmented_views=augmented_views, pretrained_weights=pretrained_weights)
+                patience=patience, augmented_views=augmented_views, pretrained_weights=pretrained_weights,
+                plans_name=plans_name)
     if not validation_only:
         t.run(continue_training)
     t.final_validation(checkpoint, save_probabilities)
