@@ -91,6 +91,15 @@ def check_writable_folder(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike):
     """Open a temporary file beside ``path`` for binary writing; on success it is synced and renamed to ``path``,
@@ -100,6 +109,7 @@ def atomic_file(path: str | os.PathLike):
     prefix, suffix = _temp_parts(path.name)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
     try:
+        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600 files; results get the usual mode, as open() would give
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()

@@ -63,3 +63,15 @@ def test_unset_folder_uses_documented_default(monkeypatch, tmp_path, caplog):
         assert paths.results_folder() == tmp_path / "samunet_results"
         paths.results_folder()
     assert sum("samunet_results is not set" in r.message for r in caplog.records) == 1
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    """Checkpoints, plans and reports are readable by others as files from open() would be, not 0600 temp files."""
+    import os
+    from samunet.utils import atomic_write_bytes
+    mask = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "a.json", b"{}")
+        assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(mask)
