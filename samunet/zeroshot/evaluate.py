@@ -2,7 +2,7 @@
 
 For each chosen slice the encoder runs once; its embedding serves every prompt mode, every simulated prompt,
 every corrective click and the 'everything' grid. Prompts are simulated per object (class x connected
-component) from the ground truth (`samunet.zeroshot.prompts`); masks are mapped back to the slice grid and
+component) from the ground truth (`samunet.training.prompts`); masks are mapped back to the slice grid and
 scored there with Dice, so numbers do not depend on the encoder's input size.
 
 Prompt modes: ``everything`` (automatic masks, matched to each object by best Dice and by predicted IoU),
@@ -27,14 +27,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from samunet.paths import preprocessed_folder, resolve_dataset_name, results_folder
 from samunet.planning.plans import get_configuration, load_plans
 from samunet.preprocessing.encoder_inputs import encoder_inputs, make_layout, slice_images
+from samunet.preprocessing.prompt_geometry import SliceGeometry
 from samunet.utils import SamunetError, load_json
-from samunet.zeroshot import prompts as P
+from samunet.training import prompts as P
 from samunet.zeroshot.automatic import AutomaticSettings, automatic_masks, match_object
 
 logger = logging.getLogger("samunet")
@@ -66,41 +66,6 @@ class ZeroShotSettings:
             raise SamunetError("--clicks must be >= 0 (0: no interactive correction; click 1 is the centre point)")
         if any(j < 0 for j in self.jitter):
             raise SamunetError("--jitter distances must be >= 0 pixels")
-
-
-class SliceGeometry:
-    """Maps slice-grid prompts to encoder-input pixels and decoder logits back to the slice grid (resize mode:
-    the longest side scaled to P, zero padding after)."""
-
-    def __init__(self, layout: dict, low_res_size: int):
-        self.slice_shape = tuple(layout["slice_shape"])
-        self.resized = tuple(layout["resized"])
-        self.size = layout["size"]
-        self.low_res_size = low_res_size
-        self.scale = np.array([self.resized[1] / self.slice_shape[1], self.resized[0] / self.slice_shape[0]])
-
-    def points(self, pts: np.ndarray) -> torch.Tensor:
-        """(..., 2) slice x, y at pixel centres -> encoder pixels, kept inside the image."""
-        p = (np.asarray(pts, np.float64) + 0.5) * self.scale - 0.5
-        p = np.clip(p, 0, np.array([self.resized[1] - 1, self.resized[0] - 1]))
-        return torch.from_numpy(p).float()
-
-    def boxes(self, boxes: np.ndarray) -> torch.Tensor:
-        """(N, 4) inclusive slice boxes -> encoder boxes covering the same pixels, kept inside the image."""
-        b = np.asarray(boxes, np.float64)
-        out = np.concatenate([b[:, :2] * self.scale, (b[:, 2:] + 1) * self.scale - 1], 1)
-        hi = np.array([self.resized[1] - 1, self.resized[0] - 1] * 2, np.float64)
-        return torch.from_numpy(np.clip(out, 0, hi)).float()
-
-    def logits_to_slice(self, low: torch.Tensor) -> torch.Tensor:
-        """(N, M, L, L) decoder logits -> (N, M, Y, X) logits on the slice grid (as SAM's postprocess_masks)."""
-        low = low.float().cpu()
-        if low.shape[-1] != self.size:
-            low = F.interpolate(low, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        low = low[..., :self.resized[0], :self.resized[1]]
-        if tuple(low.shape[-2:]) != self.slice_shape:
-            low = F.interpolate(low, size=self.slice_shape, mode="bilinear", align_corners=False)
-        return low
 
 
 def _select(out, multimask: bool):
