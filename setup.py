@@ -39,6 +39,7 @@ setup(
             "samunet_ensemble=samunet.cli:ensemble_entry",
             "samunet_apply_postprocessing=samunet.cli:apply_postprocessing_entry",
             "samunet_zeroshot=samunet.zeroshot.cli:zeroshot_entry",
+            "samunet_finetune_prompted=samunet.prompted_cli:finetune_prompted_entry",
         ]
     },
 )
