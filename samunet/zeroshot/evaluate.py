@@ -16,6 +16,11 @@ recommendation); every other prompt asks for one mask. Models whose multimask ou
 
 Trained heads of the same data set and configuration (``samunet_results``) are evaluated on the same slices,
 but only on cases of their fold's validation set, never on their training cases.
+
+With a fine-tuned decoder (``decoder``: what ``samunet_finetune_prompted`` wrote) the same slices and prompts are
+evaluated with the pretrained and the fine-tuned decoder (``run("pretrained")``, ``run("finetuned")``), only on
+cases of the validation set of the fold it was fine-tuned on, at the input size it was fine-tuned at; the
+fine-tuned decoder uses its single (trained) output throughout.
 """
 from __future__ import annotations
 
@@ -81,7 +86,7 @@ def _select(out, multimask: bool):
 class ZeroShotEvaluator:
     def __init__(self, dataset, configuration: str = "2d", encoder: str | None = None, checkpoint=None,
                  input_size: int | None = None, device: str = "auto", settings: ZeroShotSettings | None = None,
-                 compare_trained: bool = True):
+                 compare_trained: bool = True, decoder=None, decoder_fold=None):
         from samunet.models.encoders import build_encoder, encoder_identity
         from samunet.models.prompted import PromptedSegmenter
         from samunet.models.specs import get_encoder_spec
@@ -111,6 +116,16 @@ class ZeroShotEvaluator:
         if checkpoint is None and self.encoder_name == plan_encoder["name"]:
             checkpoint = plan_encoder.get("checkpoint")
         spec = get_encoder_spec(self.encoder_name)
+        self.decoder_state, self.only_cases = None, None
+        if decoder is not None:   # the decoder's own input size unless another is asked for (and then refused)
+            from samunet.inference.prompted_decoder import decoder_checkpoint
+            from samunet.training.checkpoint import load_checkpoint
+            state = load_checkpoint(decoder_checkpoint(decoder, decoder_fold))
+            input_size = input_size or (state.get("encoder_identity") or {}).get("input_size")
+            if state.get("dataset_name") != self.dataset_name:
+                raise SamunetError(f"{decoder}: decoder fine-tuned on {state.get('dataset_name')}, not on "
+                                   f"{self.dataset_name}; its validation cases are not this data set's")
+            self.only_cases = set(state.get("val_cases", []))
         self.input_size = int(input_size or spec.native_input_size)
         try:
             self.encoder = build_encoder(self.encoder_name, checkpoint=checkpoint, input_size=self.input_size,
@@ -120,11 +135,16 @@ class ZeroShotEvaluator:
         if self.encoder.prompt_encoder is None:
             raise SamunetError(f"encoder '{self.encoder_name}' has no pretrained prompt encoder / mask decoder")
         self.segmenter = PromptedSegmenter(self.encoder)
+        self.segmenters = {"pretrained": self.segmenter}
+        if decoder is not None:
+            from samunet.inference.prompted_decoder import load_decoder
+            self.segmenters["finetuned"], self.decoder_state = load_decoder(decoder, self.encoder, decoder_fold)
         self.zs_config = dict(self.config, encoder_input_size=self.input_size)
         st = self.settings
         if st.multimask is None:
             st.multimask = self.encoder_name not in SINGLE_OUTPUT_ENCODERS
         st.automatic.multimask = st.multimask
+        self.pretrained_multimask = st.multimask
         self.identity = encoder_identity(self.encoder)
         self.trained = self._load_trained() if compare_trained else []
 
@@ -187,13 +207,18 @@ class ZeroShotEvaluator:
         """Cases in a seeded order; validation cases of trained folds first, so the trained heads can be
         compared on as many of the chosen cases as possible."""
         ids = sorted(p.name[:-len(".json")] for p in self.data_dir.glob("*.json"))
+        if self.only_cases is not None:   # a fine-tuned decoder: only its fold's validation cases
+            ids = [i for i in ids if i in self.only_cases]
         if not ids:
-            raise SamunetError(f"{self.data_dir}: no preprocessed cases")
+            raise SamunetError(f"{self.data_dir}: no preprocessed cases" + (
+                " of the decoder's validation set" if self.only_cases is not None else ""))
         rng = np.random.default_rng(self.settings.seed)
         # the same cases whether or not the trained heads are compared in this run
         found, splits = self._trained_folds()
         folds = {int(f.name[len("fold_"):]) for _, f in found}
         val = set().union(*(set(splits[k]["val"]) for k in folds if k < len(splits))) if folds else set()
+        if self.only_cases is not None:
+            val = self.only_cases
         first = [i for i in ids if i in val]
         rest = [i for i in ids if i not in val]
         order = [first[i] for i in rng.permutation(len(first))] + [rest[i] for i in rng.permutation(len(rest))]
@@ -397,8 +422,12 @@ class ZeroShotEvaluator:
             rows.append(row)
         return rows
 
-    def run(self) -> dict:
+    def run(self, decoder: str = "pretrained") -> dict:
+        """Every chosen slice with the ``decoder`` named (``pretrained``, or ``finetuned`` with a decoder)."""
         st = self.settings
+        self.segmenter = self.segmenters[decoder]
+        st.multimask = self.pretrained_multimask if decoder == "pretrained" else False
+        st.automatic.multimask = st.multimask
         cases = self.choose_cases()
         t0 = time.time()
         work = []
@@ -433,4 +462,7 @@ class ZeroShotEvaluator:
                 "settings": {**{k: v for k, v in asdict(st).items() if k != "automatic"},
                              "automatic": asdict(st.automatic)},
                 "trained_models": [{"name": t["name"], "trainer": t["trainer"], "fold": t["fold"]}
-                                   for t in self.trained]}
+                                   for t in self.trained],
+                "decoder": "pretrained" if self.segmenter is self.segmenters["pretrained"] else {
+                    k: self.decoder_state.get(k) for k in ("checkpoint", "trainer", "fold", "epoch", "num_epochs",
+                                                           "iterations_per_epoch", "batch_size")}}
