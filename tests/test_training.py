@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import HIPPO, planned_hippocampus
+from conftest import HIPPO, use_folders
 from samunet.utils import SamunetError
 
 NAME = "Dataset004_Hippocampus"
@@ -23,9 +23,9 @@ EVALUATE = [sys.executable, "-c", "from samunet.evaluation.cli import evaluate_f
 
 
 @pytest.fixture(scope="module")
-def hippo_env(tmp_path_factory):
-    """20 real cases planned and preprocessed; fold 0 validates on 4 of them."""
-    with planned_hippocampus(tmp_path_factory.mktemp("hippo_train"), 20) as root:
+def hippo_env(hippo20):
+    """20 real cases planned and preprocessed (shared by the session); fold 0 validates on 4 of them."""
+    with use_folders(hippo20) as root:
         yield root
 
 
