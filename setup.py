@@ -46,6 +46,7 @@ setup(
             "samunet_report=samunet.reports.cli:report_entry",
             "samunet_accumulate_crossval_results=samunet.crossval_and_plans_cli:accumulate_crossval_results_entry",
             "samunet_move_plans_between_datasets=samunet.crossval_and_plans_cli:move_plans_between_datasets_entry",
+            "samunet_finetune_prompted=samunet.prompted_cli:finetune_prompted_entry",
         ]
     },
 )

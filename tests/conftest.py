@@ -56,18 +56,15 @@ def tree_snapshot(folder: Path) -> dict:
 
 
 @contextlib.contextmanager
-def planned_hippocampus(root: Path, n_cases: int):
-    """The first ``n_cases`` real Hippocampus cases planned and preprocessed (2d) in fresh samunet folders under
-    ``root``, with the three environment variables pointing there until the block ends."""
+def use_folders(root: Path, results: Path | None = None):
+    """samunet_raw / samunet_preprocessed / samunet_results under ``root`` (results elsewhere if given) until the
+    block ends."""
     env = {k: str(root / k) for k in ("samunet_raw", "samunet_preprocessed", "samunet_results")}
+    if results is not None:
+        env["samunet_results"] = str(results)
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        for v in env.values():
-            Path(v).mkdir()
-        copy_dataset(HIPPO, Path(env["samunet_raw"]), hippo_cases(n_cases))
-        from samunet.plan_and_preprocess import plan_and_preprocess
-        plan_and_preprocess(4, num_processes=2, configurations=["2d"])
         yield root
     finally:
         for k, v in old.items():
@@ -77,14 +74,38 @@ def planned_hippocampus(root: Path, n_cases: int):
                 os.environ[k] = v
 
 
+@contextlib.contextmanager
+def planned_hippocampus(root: Path, n_cases: int):
+    """The first ``n_cases`` real Hippocampus cases planned and preprocessed (2d) in fresh samunet folders under
+    ``root``, with the three environment variables pointing there until the block ends."""
+    with use_folders(root):
+        for k in ("samunet_raw", "samunet_preprocessed", "samunet_results"):
+            (root / k).mkdir()
+        copy_dataset(HIPPO, root / "samunet_raw", hippo_cases(n_cases))
+        from samunet.plan_and_preprocess import plan_and_preprocess
+        plan_and_preprocess(4, num_processes=2, configurations=["2d"])
+        yield root
+
+
+@pytest.fixture(scope="session")
+def hippo20(tmp_path_factory):
+    """20 real Hippocampus cases planned and preprocessed (2d) once per session, for every module that trains on
+    them (fold 0 validates on 4 of them); enter ``use_folders(hippo20)`` to point the samunet folders there. The
+    embedding cache built by one module is read by the next."""
+    root = tmp_path_factory.mktemp("hippo20")
+    with planned_hippocampus(root, 20):
+        pass
+    return root
+
+
 # ------------------------------------------------------------------ one trained Hippocampus model for the session
 @pytest.fixture(scope="session")
-def _hippo_trained(tmp_path_factory):
+def _hippo_trained(hippo20):
     """20 real cases planned and preprocessed (fold 0 validates on 4 of them); autosam trained briefly on 4
     labelled cases of fold 0, with its final validation. Returns (root, trainer, untrained validation Dice)."""
     import numpy as np
-    root = tmp_path_factory.mktemp("hippo_train")
-    with planned_hippocampus(root, 20):
+    root = hippo20
+    with use_folders(root):
         from samunet.training.trainer import Trainer, run_training
         untrained = Trainer(4, "2d", 0, head="autosam", epochs=1, num_labeled_cases=4, batch_size=8)
         untrained.initialize()  # builds the embedding cache for the 4 training and 4 validation cases

@@ -10,9 +10,15 @@ Prompts are in the pixel coordinates of the encoder's S x S input, x before y (S
 point_coords (B, N, 2) with point_labels (B, N) (1 foreground, 0 background, -1 padding); boxes (B, 4) as
 x0, y0, x1, y1; mask_input (B, 1, 4g, 4g) low-resolution logits of a previous prediction. M is 1, or 3 with
 multimask_output=True. Works for every encoder of the registry (test_tiny's decoder is random).
+
+By default the segmenter uses the encoder's own pretrained prompt encoder and mask decoder; a fine-tuned pair
+(``samunet_finetune_prompted``) is passed as ``PromptedSegmenter(encoder, prompt_encoder, mask_decoder)``, and
+``trainable_copy(encoder)`` gives the pair to fine-tune. ``decode_each`` is the differentiable path for training:
+one image embedding per prompt.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -27,22 +33,26 @@ class PromptedOutput:
     low_res: torch.Tensor
 
 
+def trainable_copy(encoder) -> tuple[nn.Module, nn.Module]:
+    """Copies of the encoder's pretrained prompt encoder and mask decoder, with gradients switched on."""
+    if encoder.prompt_encoder is None or encoder.mask_decoder is None:
+        raise ValueError(f"encoder '{encoder.name}' has no prompt encoder / mask decoder")
+    parts = copy.deepcopy(encoder.prompt_encoder), copy.deepcopy(encoder.mask_decoder)
+    for module in parts:
+        module.requires_grad_(True)
+    return parts
+
+
 class PromptedSegmenter(nn.Module):
-    def __init__(self, encoder):
+    def __init__(self, encoder, prompt_encoder: nn.Module | None = None, mask_decoder: nn.Module | None = None):
         super().__init__()
         if encoder.prompt_encoder is None or encoder.mask_decoder is None:
             raise ValueError(f"encoder '{encoder.name}' has no prompt encoder / mask decoder")
         self.encoder = encoder
+        self.prompt_encoder = prompt_encoder if prompt_encoder is not None else encoder.prompt_encoder
+        self.mask_decoder = mask_decoder if mask_decoder is not None else encoder.mask_decoder
         self.input_size = encoder.input_size
         self.low_res_size = 4 * encoder.grid_size
-
-    @property
-    def prompt_encoder(self) -> nn.Module:
-        return self.encoder.prompt_encoder
-
-    @property
-    def mask_decoder(self) -> nn.Module:
-        return self.encoder.mask_decoder
 
     def _batch_size(self, embeddings, point_coords, boxes, mask_input) -> int:
         for t in (embeddings, point_coords, boxes, mask_input):
@@ -138,3 +148,23 @@ class PromptedSegmenter(nn.Module):
                                      multimask_output=multimask_output)
         full = F.interpolate(low, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
         return PromptedOutput(masks=full, iou=iou, low_res=low)
+
+    def decode_each(self, embeddings: torch.Tensor, point_coords: torch.Tensor | None = None,
+                    point_labels: torch.Tensor | None = None, boxes: torch.Tensor | None = None,
+                    mask_input: torch.Tensor | None = None, multimask_output: bool = False) -> PromptedOutput:
+        """N prompts on N images, with gradients: ``embeddings`` (N, C, g, g), prompt i on image i, in the shapes
+        of ``predict_prompts``. Decoded one at a time (segment_anything's decoder pairs one image with all prompts
+        of that image)."""
+        n = embeddings.shape[0]
+        point_coords, point_labels, boxes, mask_input = self._prompt_tensors(
+            n, "N", embeddings.device, point_coords, point_labels, boxes, mask_input)
+        image_pe = self.prompt_encoder.get_dense_pe()
+        points = None if point_coords is None else (point_coords, point_labels)
+        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        outs = [self.mask_decoder(image_embeddings=embeddings[i:i + 1], image_pe=image_pe,
+                                  sparse_prompt_embeddings=sparse[i:i + 1], dense_prompt_embeddings=dense[i:i + 1],
+                                  multimask_output=multimask_output) for i in range(n)]
+        low = torch.cat([o[0] for o in outs])
+        full = low if low.shape[-1] == self.input_size else \
+            F.interpolate(low, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        return PromptedOutput(masks=full, iou=torch.cat([o[1] for o in outs]), low_res=low)

@@ -90,10 +90,8 @@ class Pretrainer(Trainer):
         self.context = 1
         self.num_outputs = 3 * self.n_enc  # one output per input channel: the reconstructed image
         self._build_unet(self.num_outputs)
-        self.amp_dtype = None
-        if self.device.type == "cuda":
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.params = list(self.head.parameters())
+        self.setup_precision()
         data_dir = self.pp_folder / self.config["data_identifier"]
         self.train_data = uniform_sampling(OnTheFlyData(data_dir, self.train_ids, self.config, self.label_values,
                                                         augment=True))
@@ -128,6 +126,12 @@ class Pretrainer(Trainer):
     def _state(self) -> dict:
         return {**super()._state(), "pretraining": METHOD, "num_outputs": self.num_outputs,
                 "mask_grid": MASK_GRID, "mask_ratio": MASK_RATIO}
+
+    def _describe(self) -> str:
+        return (f"{self.dataset_name} {self.configuration} fold {self.fold}: self-supervised pre-training of the "
+                f"U-Net, {len(self.train_ids)} training cases ({len(self.train_data)} slices; "
+                f"{self._input_kind()}), reconstruction scored on {len(self.val_ids)} validation cases' slices, "
+                f"{self.num_epochs} epochs x {self.iterations} iterations x batch {self.batch_size}")
 
     def _input_kind(self) -> str:
         return f"augmented images, labels unused; {METHOD}, {MASK_RATIO:.0%} of {MASK_GRID}x{MASK_GRID} patches masked"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,22 +19,20 @@ from samunet.models.for_plans import build_encoder_for_plans, build_model, resol
 from samunet.paths import preprocessed_folder, resolve_dataset_name, results_folder
 from samunet.planning.plans import get_configuration, load_plans
 from samunet.preprocessing.embedding_cache import EmbeddingCache
-from samunet.training.checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from samunet.training.checkpoint import check_compatible, load_checkpoint
 from samunet.training.augmented_views import AugmentedViews, views_for
 from samunet.training.cached_augmentation import WarpParams
 from samunet.training.data import BackgroundBatches, CachedData, OnTheFlyData
 from samunet.models.specs import HEADS, HYBRID_HEADS, IMAGE_MODELS
+from samunet.training.loop import EpochLoop
 from samunet.training.losses import confusion_counts, dice_ce_loss
-from samunet.training.progress import TextLog, new_log, plot_progress
-from samunet.training.run_lock import RunLock
+from samunet.training.progress import TextLog, new_log
 from samunet.training.splits import get_split, labeled_subset
 from samunet.utils import SamunetError, load_json, save_json
 
 logger = logging.getLogger("samunet")
 
-EMA_MOMENTUM = 0.9
 DEFAULT_PATIENCE = 20  # for plans written before the planner recorded early_stopping_patience
-GRAD_CLIP = 12.0
 VAL_ROWS_CACHED = 512
 VAL_ROWS_ON_THE_FLY = 48
 
@@ -50,9 +47,7 @@ def model_folder(dataset_name: str, trainer: str, plans_name: str, config: str) 
     return results_folder() / dataset_name / f"{trainer}__{plans_name}__{config}"
 
 
-class Trainer:
-    score_name = "pseudo Dice"  # the validation score of every epoch, whose moving average decides early stopping
-
+class Trainer(EpochLoop):
     def __init__(self, dataset, configuration: str, fold, head: str | None = None, epochs: int | None = None,
                  iterations_per_epoch: int | None = None, num_labeled_cases: int | None = None,
                  device: str = "auto", use_cache: bool | None = None, seed: int = 12345,
@@ -150,10 +145,8 @@ class Trainer:
                                     self.context).to(self.device)
             self.initial_lr = float(self.config["initial_lr"][self.head_name])
             self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=self.initial_lr, weight_decay=1e-4)
-        self.amp_dtype = None
-        if self.device.type == "cuda":
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.params = list(self.head.parameters())
+        self.setup_precision()
         if not self.takes_images:
             self.cache = EmbeddingCache(self.pp_folder, self.configuration, self.config, self._identity(),
                                         self.label_values)
@@ -235,18 +228,10 @@ class Trainer:
                 "augmented_views": self.views.views if self.views is not None else 0,
                 "pretrained_weights": str(self.pretrained_weights) if self.pretrained_weights else None}
 
-    def save(self, name: str) -> None:
-        save_checkpoint(self._state(), self.output / name)
-
-    def load(self, path: Path) -> None:
-        state = load_checkpoint(path)
-        check_compatible(state, path, self._expected())
+    def _load_state(self, state: dict) -> None:
         self.head.load_state_dict(state["head_state"])
         self.optimizer.load_state_dict(state["optimizer_state"])
         self.scaler.load_state_dict(state["scaler_state"])
-        self.epoch = int(state["epoch"])
-        self.log = state["log"]
-        self.best_ema = float(state["best_ema"])
 
     # ----------------------------------------------------------------- steps
     def _inputs(self, batch: dict) -> tuple:
@@ -267,29 +252,16 @@ class Trainer:
             e = self.encoder(x.reshape(-1, *x.shape[2:])).float()
         return e.reshape(x.shape[0], self.n_enc * e.shape[1], *e.shape[2:])
 
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return torch.autocast("cpu", enabled=False)
-        return torch.autocast("cuda", dtype=self.amp_dtype)
-
     def train_epoch(self) -> float:
         self.head.train()
-        lr = self.initial_lr * (1 - self.epoch / self.num_epochs) ** 0.9
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
+        self.set_poly_lr()
         torch.manual_seed(self.seed * 1000 + self.epoch)
         losses = []
         batches = BackgroundBatches(self.train_data, self.iterations, self.batch_size, self.seed, self.epoch)
         for batch in tqdm(batches, total=self.iterations, desc=f"epoch {self.epoch}", leave=False):
             loss = self._loss(batch)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.head.parameters(), GRAD_CLIP)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            self.step(loss)
             losses.append(loss.item())
-        self.log["lr"].append(lr)
         return float(np.mean(losses))
 
     def _loss(self, batch: dict) -> torch.Tensor:
@@ -317,77 +289,12 @@ class Trainer:
         dice = (2 * tp / (2 * tp + fp + fn).clamp_min(1)).tolist()
         return float(np.mean(losses)) if losses else float("nan"), dice
 
-    # ----------------------------------------------------------------- main loop
-    def run(self, continue_training: bool = False) -> dict:
-        with RunLock(self.output):  # a second run of this fold is refused, naming the running one
-            return self._run(continue_training)
-
-    def _run(self, continue_training: bool) -> dict:
-        self.initialize()
-        final = self.output / "checkpoint_final.pth"
-        latest = self.output / "checkpoint_latest.pth"
-        if continue_training:
-            if latest.is_file():
-                self.load(latest)
-                self.text(f"resuming from {latest.name} after epoch {self.epoch}")
-            elif final.is_file():
-                self.load(final)
-                self.text("training had finished; loading checkpoint_final")
-            else:
-                self.text("no checkpoint to continue from; starting fresh")
-        elif final.is_file() or latest.is_file():
-            raise SamunetError(f"{self.output} already holds a training run; pass --c to continue it, or delete "
-                               "the folder to start over")
-        self._write_run_files()
-        self.text(f"{self.dataset_name} {self.configuration} fold {self.fold}: head {self.head_name}, "
-                  f"{len(self.train_ids)} training / {len(self.val_ids)} validation cases, "
-                  f"{len(self.train_data)} training inputs ({self._input_kind()}), "
-                  f"at most {self.num_epochs} epochs x {self.iterations} iterations x batch {self.batch_size} "
-                  f"({self._stopping_rule()}), "
-                  f"device {self.device}")
-        while self.epoch < self.num_epochs and not self._plateaued():
-            t0 = time.time()
-            train_loss = self.train_epoch()
-            val_loss, dice = self.validate_epoch()
-            mean_dice = float(np.mean(dice)) if dice else float("nan")
-            prev = self.log["ema_dice"][-1] if self.log["ema_dice"] else mean_dice
-            ema = EMA_MOMENTUM * prev + (1 - EMA_MOMENTUM) * mean_dice
-            for k, v in (("train_loss", train_loss), ("val_loss", val_loss), ("pseudo_dice", mean_dice),
-                         ("ema_dice", ema), ("pseudo_dice_per_class", dice), ("epoch_time", time.time() - t0)):
-                self.log[k].append(v)
-            self.epoch += 1
-            improved = ema > self.best_ema
-            if improved:
-                self.best_ema = ema
-            self.save("checkpoint_latest.pth")
-            if improved:
-                self.save("checkpoint_best.pth")
-            plot_progress(self.log, self.output / "progress.png")
-            self.text(f"epoch {self.epoch - 1}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, {self.score_name} "
-                      f"{[round(d, 4) for d in dice]}, moving average {ema:.4f}"
-                      f"{' (new best)' if improved else ''}, {self.log['epoch_time'][-1]:.1f} s")
-        if self._plateaued():
-            best = int(np.argmax(self.log["ema_dice"]))
-            self.log["stopped_early_after_epoch"] = self.epoch
-            self.text(f"early stopping: the moving average of the pseudo-Dice has not improved for {self.patience} "
-                      f"epochs (best {self.best_ema:.4f} after epoch {best}); stopped after {self.epoch} of at most "
-                      f"{self.num_epochs} epochs ({self.epoch * self.iterations} iterations)")
-        self.save("checkpoint_final.pth")
-        if latest.is_file():
-            latest.unlink()
-        return self.log
-
-    def _stopping_rule(self) -> str:
-        if self.patience <= 0:
-            return "no early stopping"
-        return f"early stopping after {self.patience} epochs without a new best moving-average pseudo-Dice"
-
-    def _plateaued(self) -> bool:
-        """True once the moving average of the validation pseudo-Dice has not improved for ``patience`` epochs."""
-        ema = self.log["ema_dice"]
-        if self.patience <= 0 or not ema:
-            return False
-        return len(ema) - 1 - int(np.argmax(ema)) >= self.patience
+    # ----------------------------------------------------------------- run description
+    def _describe(self) -> str:
+        return (f"{self.dataset_name} {self.configuration} fold {self.fold}: head {self.head_name}, "
+                f"{len(self.train_ids)} training / {len(self.val_ids)} validation cases, "
+                f"{len(self.train_data)} training inputs ({self._input_kind()}), "
+                f"at most {self.num_epochs} epochs x {self.iterations} iterations x batch {self.batch_size}")
 
     def _input_kind(self) -> str:
         if self.takes_images:

@@ -46,6 +46,15 @@ def zeroshot_entry(argv=None):
                    help="multimask output for point-only prompts (auto: yes for SAM, no for LiteMedSAM, whose "
                         "multimask outputs were never trained)")
     p.add_argument("--no_trained", action="store_true", help="do not compare trained heads")
+    p.add_argument("--decoder", default=None, metavar="MODEL_FOLDER_OR_CHECKPOINT",
+                   help="also evaluate this fine-tuned decoder (samunet_finetune_prompted), beside the pretrained "
+                        "one, on its fold's validation cases only; writes pretrained/, finetuned/ and comparison.md")
+    p.add_argument("--decoder_fold", default=None, help="fold of --decoder when it names a model folder")
+    p.add_argument("--refine", default=None, metavar="MODEL_FOLDER",
+                   help="instead: correct this trained model's predictions with --clicks clicks per object "
+                        "(refine.md); with --decoder, by the pretrained and the fine-tuned decoder")
+    p.add_argument("--refine_folds", nargs="+", default=None,
+                   help="folds of --refine to ensemble (default: every trained fold); only cases none trained on")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     a = p.parse_args(argv)
@@ -59,13 +68,35 @@ def zeroshot_entry(argv=None):
         multimask={"auto": None, "yes": True, "no": False}[a.multimask],
         automatic=AutomaticSettings(points_per_side=a.grid, pred_iou_thresh=a.pred_iou_thresh,
                                     stability_score_thresh=a.stability_score_thresh, box_nms_thresh=a.box_nms_thresh))
+    from pathlib import Path
     from samunet.zeroshot.evaluate import ZeroShotEvaluator
     from samunet.zeroshot.report import write_outputs
+    if a.refine is not None and a.input_size is None:
+        from samunet.paths import resolve_dataset_name
+        from samunet.planning.plans import get_configuration, load_plans
+        a.input_size = get_configuration(load_plans(resolve_dataset_name(a.d)), a.c)["encoder_input_size"]
     ev = ZeroShotEvaluator(a.d, a.c, encoder=a.encoder, checkpoint=a.checkpoint, input_size=a.input_size,
-                           device=a.device, settings=settings, compare_trained=not a.no_trained)
-    result = ev.run()
+                           device=a.device, settings=settings,
+                           compare_trained=not a.no_trained and a.refine is None, decoder=a.decoder,
+                           decoder_fold=a.decoder_fold)
     command = "samunet_zeroshot " + " ".join(shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv))
-    summary = write_outputs(a.o, result, ev.describe(), command)
-    means = ", ".join(f"{k} {v['mean']:.3f}" for k, v in summary["dice_per_mode"].items())
-    print(f"samunet_zeroshot {summary['dataset']}: {summary['num_objects']} objects on {summary['num_slices']} "
-          f"slices; mean Dice {means}; report in {a.o}/report.md")
+    if a.refine is not None:
+        from samunet.zeroshot.refine import run_refine, write_refine
+        summary = write_refine(a.o, run_refine(ev, a.refine, a.refine_folds, a.clicks), ev.describe(), command)
+        curves = "; ".join(f"{k} " + " / ".join(f"{x:.3f}" for x in d["mean_dice"])
+                           for k, d in summary["decoders"].items())
+        print(f"samunet_zeroshot --refine {summary['dataset']}: {summary['num_objects']} objects; mean Dice after "
+              f"0-{a.clicks} clicks: {curves}; report in {a.o}/refine.md")
+        return
+    summaries = {}
+    for name in ev.segmenters:
+        result = ev.run(name)
+        out = a.o if len(ev.segmenters) == 1 else str(Path(a.o) / name)
+        summaries[name] = summary = write_outputs(out, result, ev.describe(), command)
+        means = ", ".join(f"{k} {v['mean']:.3f}" for k, v in summary["dice_per_mode"].items())
+        print(f"samunet_zeroshot {summary['dataset']} ({name} decoder): {summary['num_objects']} objects on "
+              f"{summary['num_slices']} slices; mean Dice {means}; report in {out}/report.md")
+    if len(summaries) > 1:
+        from samunet.zeroshot.compare import write_comparison
+        write_comparison(a.o, summaries, command)
+        print(f"side by side: {a.o}/comparison.md")

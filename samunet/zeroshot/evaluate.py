@@ -2,7 +2,7 @@
 
 For each chosen slice the encoder runs once; its embedding serves every prompt mode, every simulated prompt,
 every corrective click and the 'everything' grid. Prompts are simulated per object (class x connected
-component) from the ground truth (`samunet.zeroshot.prompts`); masks are mapped back to the slice grid and
+component) from the ground truth (`samunet.training.prompts`); masks are mapped back to the slice grid and
 scored there with Dice, so numbers do not depend on the encoder's input size.
 
 Prompt modes: ``everything`` (automatic masks, matched to each object by best Dice and by predicted IoU),
@@ -16,6 +16,11 @@ recommendation); every other prompt asks for one mask. Models whose multimask ou
 
 Trained heads of the same data set and configuration (``samunet_results``) are evaluated on the same slices,
 but only on cases of their fold's validation set, never on their training cases.
+
+With a fine-tuned decoder (``decoder``: what ``samunet_finetune_prompted`` wrote) the same slices and prompts are
+evaluated with the pretrained and the fine-tuned decoder (``run("pretrained")``, ``run("finetuned")``), only on
+cases of the validation set of the fold it was fine-tuned on, at the input size it was fine-tuned at; the
+fine-tuned decoder uses its single (trained) output throughout.
 """
 from __future__ import annotations
 
@@ -27,14 +32,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from samunet.paths import preprocessed_folder, resolve_dataset_name, results_folder
 from samunet.planning.plans import get_configuration, load_plans
 from samunet.preprocessing.encoder_inputs import encoder_inputs, make_layout, slice_images
+from samunet.preprocessing.prompt_geometry import SliceGeometry
 from samunet.utils import SamunetError, load_json
-from samunet.zeroshot import prompts as P
+from samunet.training import prompts as P
 from samunet.zeroshot.automatic import AutomaticSettings, automatic_masks, match_object
 
 logger = logging.getLogger("samunet")
@@ -68,41 +73,6 @@ class ZeroShotSettings:
             raise SamunetError("--jitter distances must be >= 0 pixels")
 
 
-class SliceGeometry:
-    """Maps slice-grid prompts to encoder-input pixels and decoder logits back to the slice grid (resize mode:
-    the longest side scaled to P, zero padding after)."""
-
-    def __init__(self, layout: dict, low_res_size: int):
-        self.slice_shape = tuple(layout["slice_shape"])
-        self.resized = tuple(layout["resized"])
-        self.size = layout["size"]
-        self.low_res_size = low_res_size
-        self.scale = np.array([self.resized[1] / self.slice_shape[1], self.resized[0] / self.slice_shape[0]])
-
-    def points(self, pts: np.ndarray) -> torch.Tensor:
-        """(..., 2) slice x, y at pixel centres -> encoder pixels, kept inside the image."""
-        p = (np.asarray(pts, np.float64) + 0.5) * self.scale - 0.5
-        p = np.clip(p, 0, np.array([self.resized[1] - 1, self.resized[0] - 1]))
-        return torch.from_numpy(p).float()
-
-    def boxes(self, boxes: np.ndarray) -> torch.Tensor:
-        """(N, 4) inclusive slice boxes -> encoder boxes covering the same pixels, kept inside the image."""
-        b = np.asarray(boxes, np.float64)
-        out = np.concatenate([b[:, :2] * self.scale, (b[:, 2:] + 1) * self.scale - 1], 1)
-        hi = np.array([self.resized[1] - 1, self.resized[0] - 1] * 2, np.float64)
-        return torch.from_numpy(np.clip(out, 0, hi)).float()
-
-    def logits_to_slice(self, low: torch.Tensor) -> torch.Tensor:
-        """(N, M, L, L) decoder logits -> (N, M, Y, X) logits on the slice grid (as SAM's postprocess_masks)."""
-        low = low.float().cpu()
-        if low.shape[-1] != self.size:
-            low = F.interpolate(low, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        low = low[..., :self.resized[0], :self.resized[1]]
-        if tuple(low.shape[-2:]) != self.slice_shape:
-            low = F.interpolate(low, size=self.slice_shape, mode="bilinear", align_corners=False)
-        return low
-
-
 def _select(out, multimask: bool):
     """Best mask (by predicted IoU) of each prompt when multimask, else the single one: low-res logits
     (N, 1, L, L) and predicted IoU (N,)."""
@@ -116,7 +86,7 @@ def _select(out, multimask: bool):
 class ZeroShotEvaluator:
     def __init__(self, dataset, configuration: str = "2d", encoder: str | None = None, checkpoint=None,
                  input_size: int | None = None, device: str = "auto", settings: ZeroShotSettings | None = None,
-                 compare_trained: bool = True):
+                 compare_trained: bool = True, decoder=None, decoder_fold=None):
         from samunet.models.encoders import build_encoder, encoder_identity
         from samunet.models.prompted import PromptedSegmenter
         from samunet.models.specs import get_encoder_spec
@@ -146,6 +116,16 @@ class ZeroShotEvaluator:
         if checkpoint is None and self.encoder_name == plan_encoder["name"]:
             checkpoint = plan_encoder.get("checkpoint")
         spec = get_encoder_spec(self.encoder_name)
+        self.decoder_state, self.only_cases = None, None
+        if decoder is not None:   # the decoder's own input size unless another is asked for (and then refused)
+            from samunet.inference.prompted_decoder import decoder_checkpoint
+            from samunet.training.checkpoint import load_checkpoint
+            state = load_checkpoint(decoder_checkpoint(decoder, decoder_fold))
+            input_size = input_size or (state.get("encoder_identity") or {}).get("input_size")
+            if state.get("dataset_name") != self.dataset_name:
+                raise SamunetError(f"{decoder}: decoder fine-tuned on {state.get('dataset_name')}, not on "
+                                   f"{self.dataset_name}; its validation cases are not this data set's")
+            self.only_cases = set(state.get("val_cases", []))
         self.input_size = int(input_size or spec.native_input_size)
         try:
             self.encoder = build_encoder(self.encoder_name, checkpoint=checkpoint, input_size=self.input_size,
@@ -155,11 +135,16 @@ class ZeroShotEvaluator:
         if self.encoder.prompt_encoder is None:
             raise SamunetError(f"encoder '{self.encoder_name}' has no pretrained prompt encoder / mask decoder")
         self.segmenter = PromptedSegmenter(self.encoder)
+        self.segmenters = {"pretrained": self.segmenter}
+        if decoder is not None:
+            from samunet.inference.prompted_decoder import load_decoder
+            self.segmenters["finetuned"], self.decoder_state = load_decoder(decoder, self.encoder, decoder_fold)
         self.zs_config = dict(self.config, encoder_input_size=self.input_size)
         st = self.settings
         if st.multimask is None:
             st.multimask = self.encoder_name not in SINGLE_OUTPUT_ENCODERS
         st.automatic.multimask = st.multimask
+        self.pretrained_multimask = st.multimask
         self.identity = encoder_identity(self.encoder)
         self.trained = self._load_trained() if compare_trained else []
 
@@ -222,13 +207,18 @@ class ZeroShotEvaluator:
         """Cases in a seeded order; validation cases of trained folds first, so the trained heads can be
         compared on as many of the chosen cases as possible."""
         ids = sorted(p.name[:-len(".json")] for p in self.data_dir.glob("*.json"))
+        if self.only_cases is not None:   # a fine-tuned decoder: only its fold's validation cases
+            ids = [i for i in ids if i in self.only_cases]
         if not ids:
-            raise SamunetError(f"{self.data_dir}: no preprocessed cases")
+            raise SamunetError(f"{self.data_dir}: no preprocessed cases" + (
+                " of the decoder's validation set" if self.only_cases is not None else ""))
         rng = np.random.default_rng(self.settings.seed)
         # the same cases whether or not the trained heads are compared in this run
         found, splits = self._trained_folds()
         folds = {int(f.name[len("fold_"):]) for _, f in found}
         val = set().union(*(set(splits[k]["val"]) for k in folds if k < len(splits))) if folds else set()
+        if self.only_cases is not None:
+            val = self.only_cases
         first = [i for i in ids if i in val]
         rest = [i for i in ids if i not in val]
         order = [first[i] for i in rng.permutation(len(first))] + [rest[i] for i in rng.permutation(len(rest))]
@@ -432,8 +422,12 @@ class ZeroShotEvaluator:
             rows.append(row)
         return rows
 
-    def run(self) -> dict:
+    def run(self, decoder: str = "pretrained") -> dict:
+        """Every chosen slice with the ``decoder`` named (``pretrained``, or ``finetuned`` with a decoder)."""
         st = self.settings
+        self.segmenter = self.segmenters[decoder]
+        st.multimask = self.pretrained_multimask if decoder == "pretrained" else False
+        st.automatic.multimask = st.multimask
         cases = self.choose_cases()
         t0 = time.time()
         work = []
@@ -468,4 +462,7 @@ class ZeroShotEvaluator:
                 "settings": {**{k: v for k, v in asdict(st).items() if k != "automatic"},
                              "automatic": asdict(st.automatic)},
                 "trained_models": [{"name": t["name"], "trainer": t["trainer"], "fold": t["fold"]}
-                                   for t in self.trained]}
+                                   for t in self.trained],
+                "decoder": "pretrained" if self.segmenter is self.segmenters["pretrained"] else {
+                    k: self.decoder_state.get(k) for k in ("checkpoint", "trainer", "fold", "epoch", "num_epochs",
+                                                           "iterations_per_epoch", "batch_size")}}

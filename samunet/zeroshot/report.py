@@ -180,7 +180,13 @@ def markdown(summary: dict, files: list[str], command: str | None = None) -> str
     cols = _mode_columns(st["modes"])
     size_note = ("the encoder's native input size" if summary["encoder_input_size"] == summary["native_input_size"]
                  else f"not the encoder's native {summary['native_input_size']} px")
-    lines = [f"# Zero-shot {summary['encoder']} on {summary['dataset']} ({summary['configuration']})", ""]
+    dec = summary.get("decoder", "pretrained")
+    lines = [f"# {'Zero-shot' if dec == 'pretrained' else 'Fine-tuned decoder,'} {summary['encoder']} on "
+             f"{summary['dataset']} ({summary['configuration']})", ""]
+    if dec != "pretrained":
+        lines += [f"Prompt encoder and mask decoder fine-tuned by {dec['trainer']} fold {dec['fold']} "
+                  f"({dec['epoch']} epochs x {dec['iterations_per_epoch']} iterations x batch {dec['batch_size']}; "
+                  f"`{dec['checkpoint']}`), evaluated on that fold's validation cases only.", ""]
     if command:
         lines += ["```", command, "```", ""]
     lines += [
