@@ -40,7 +40,7 @@ def main(argv=None):
     from samunet.inference.interactive import InteractiveSegmenter
     from samunet.paths import preprocessed_folder, resolve_dataset_name
     from samunet.planning.plans import get_configuration, load_plans
-    from samunet.training import prompts as P
+    from samunet.preprocessing import prompt_simulation as P
     name = resolve_dataset_name(a.d)
     config = get_configuration(load_plans(name), a.c)
     seg_api = InteractiveSegmenter.from_plans(name, a.c, decoder=a.decoder, fold=a.fold, device="cpu")
@@ -48,7 +48,7 @@ def main(argv=None):
     cases = sorted(p.name[:-5] for p in data_dir.glob("*.json"))
     if a.decoder is not None:
         from samunet.inference.prompted_decoder import decoder_checkpoint
-        from samunet.training.checkpoint import load_checkpoint
+        from samunet.models.run_checkpoint import load_checkpoint
         val = set(load_checkpoint(decoder_checkpoint(a.decoder, a.fold))["val_cases"])
         cases = [c for c in cases if c in val]
     labels = [v for v in load_plans(name)["label_values"] if v != 0]

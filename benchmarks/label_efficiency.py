@@ -194,7 +194,7 @@ def split_method(method: str) -> tuple[str, str]:
 
 def pretrain_cell(a, config: str, budget: dict, work: Path) -> dict:
     """``samunet_pretrain`` for the fold (once; resumed if interrupted): its checkpoint and time."""
-    from samunet.training.checkpoint import load_checkpoint
+    from samunet.models.run_checkpoint import load_checkpoint
     from samunet.training.pretrain import PRETRAINER
     from samunet.training.trainer import model_folder
     out = model_folder(a.dataset_name, PRETRAINER, "samunetPlans", config) / f"fold_{a.fold}"
@@ -223,7 +223,7 @@ def pretrain_cell(a, config: str, budget: dict, work: Path) -> dict:
 
 def samunet_cell(a, method: str, n: str, expected_train: list[str], val: list[str], budget: dict, ending: str,
                  raw: Path, work: Path, pretrained: dict | None = None) -> dict:
-    from samunet.training.checkpoint import load_checkpoint
+    from samunet.models.run_checkpoint import load_checkpoint
     from samunet.training.trainer import model_folder, trainer_name
     head, config = split_method(method)
     if head == SSL:

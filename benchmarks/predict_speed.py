@@ -132,7 +132,7 @@ def main(argv=None) -> None:
             shutil.copy(raw / "labelsTr" / f"{c}{ending}", gt)
         env = os.environ.copy()
         # mirroring TTA applies only to models trained with mirroring augmentation (not heads on cached embeddings)
-        from samunet.training.checkpoint import load_checkpoint
+        from samunet.models.run_checkpoint import load_checkpoint
         state = load_checkpoint(model_dir / f"fold_{folds[0]}" / "checkpoint_final.pth")
         mirrored = bool(state.get("mirroring_axes", [] if state.get("use_cache", True) else [0, 1]))
         tta_options = (False, True) if mirrored else (False,)

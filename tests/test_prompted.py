@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import use_folders
-from samunet.training import prompts as P
+from samunet.preprocessing import prompt_simulation as P
 from samunet.utils import SamunetError
 
 ZEROSHOT = [sys.executable, "-c", "from samunet.zeroshot.cli import zeroshot_entry as m; m()"]

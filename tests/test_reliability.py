@@ -273,7 +273,7 @@ def test_5_and_8_prediction_checks_each_checkpoint_like_training_does(model, tmp
 
 def test_also_an_unsafe_checkpoint_is_not_a_samunet_checkpoint(tmp_path):
     import torch
-    from samunet.training.checkpoint import load_checkpoint
+    from samunet.models.run_checkpoint import load_checkpoint
     path = tmp_path / "checkpoint_final.pth"
     torch.save({"format": "samunet-checkpoint-1", "obj": Path("x")}, path)
     with pytest.raises(SamunetError) as e:

@@ -78,7 +78,7 @@ def test_killed_training_resumes_with_c(trained, hippo_env):
     proc.wait()
     assert latest.is_file(), "no checkpoint was written before the kill"
     assert not (out / "checkpoint_final.pth").exists(), "training finished before it could be killed"
-    from samunet.training.checkpoint import load_checkpoint
+    from samunet.models.run_checkpoint import load_checkpoint
     epochs_done = load_checkpoint(latest)["epoch"]
     assert 1 <= epochs_done < 8
     r = _train_cli(*args)
@@ -92,7 +92,7 @@ def test_killed_training_resumes_with_c(trained, hippo_env):
 
 
 def test_corrupt_and_foreign_checkpoints_are_refused(trained, hippo_env, tmp_path):
-    from samunet.training.checkpoint import check_compatible, load_checkpoint
+    from samunet.models.run_checkpoint import check_compatible, load_checkpoint
     t, _ = trained
     broken = tmp_path / "checkpoint_final.pth"
     broken.write_bytes((t.output / "checkpoint_final.pth").read_bytes()[:5000])
@@ -301,7 +301,7 @@ def test_apply_postprocessing_removes_stray_components_only(trained, hippo_env, 
 
 
 def test_hybrid_head_trains_on_the_cache_and_predicts_like_its_validation(trained, hippo_env, tmp_path):
-    from samunet.training.checkpoint import load_checkpoint
+    from samunet.models.run_checkpoint import load_checkpoint
     from samunet.training.trainer import run_training
     t = run_training(4, "2d", 0, head="hybrid", epochs=10, iterations_per_epoch=12, num_labeled_cases=4,
                      batch_size=8, patience=0, augmented_views=0)
@@ -377,7 +377,7 @@ def test_cached_warp_keeps_image_label_and_embedding_aligned(trained):
 
 
 def test_early_stopping_stops_at_the_plateau_and_resumes_after_a_kill(trained, hippo_env):
-    from samunet.training.checkpoint import load_checkpoint
+    from samunet.models.run_checkpoint import load_checkpoint
     base = hippo_env / "samunet_results" / NAME
     # a linear head with one step of 2 slices per epoch stays at background for a while: its moving-average
     # pseudo-Dice does not improve, so patience 3 stops it long before the 40-epoch cap

@@ -88,7 +88,7 @@ def test_pretraining_reconstructs_and_fine_tuning_starts_from_it(unet_run, tmp_p
     """samunet_pretrain (masked image modelling, labels unused) on the real slices of the fold, then
     samunet_train --head unet --pretrained_weights: the fine-tuning starts from the pre-trained values."""
     from samunet.cli import pretrain_entry, train_entry
-    from samunet.training.checkpoint import load_checkpoint, save_checkpoint
+    from samunet.models.run_checkpoint import load_checkpoint, save_checkpoint
     from samunet.training.pretrain import OUTPUT_LAYER, PRETRAINER, run_pretraining
     from samunet.training.trainer import Trainer
     scratch, _ = unet_run

@@ -8,7 +8,7 @@ from scipy import ndimage, stats
 
 from conftest import EM, HIPPO, copy_dataset, hippo_cases, require
 from samunet.dataset.io import read_seg
-from samunet.training import prompts as P
+from samunet.preprocessing import prompt_simulation as P
 from samunet.zeroshot.automatic import box_nms, match_object, point_grid, stability_score
 from samunet.zeroshot.evaluate import ZeroShotEvaluator, ZeroShotSettings
 

@@ -20,7 +20,7 @@ from samunet.dataset.dataset_json import list_cases, stray_files
 from samunet.dataset.io import write_seg
 from samunet.inference.predictor import predict_preprocessed, probabilities_to_segmentation
 from samunet.preprocessing.preprocessor import preprocess_case
-from samunet.training.checkpoint import check_compatible, load_checkpoint
+from samunet.models.run_checkpoint import check_compatible, load_checkpoint
 from samunet.utils import SamunetError, atomic_write_bytes, check_writable_folder, load_json, save_json
 
 logger = logging.getLogger("samunet")

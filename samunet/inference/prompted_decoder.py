@@ -13,7 +13,7 @@ from pathlib import Path
 
 from samunet.models.encoders import encoder_identity
 from samunet.models.prompted import PromptedSegmenter, trainable_copy
-from samunet.training.checkpoint import load_checkpoint
+from samunet.models.run_checkpoint import load_checkpoint
 from samunet.utils import SamunetError
 
 CHECKPOINT = "checkpoint_final.pth"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from samunet.inference.predict import check_trainer_name, parse_model_folder
 from samunet.paths import resolve_dataset_name, results_folder
-from samunet.training.checkpoint import load_checkpoint
+from samunet.models.run_checkpoint import load_checkpoint
 from samunet.utils import SamunetError, atomic_file, load_json, stable_hash
 
 logger = logging.getLogger("samunet")

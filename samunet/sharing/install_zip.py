@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 
 from samunet.paths import dataset_id_from_name, results_folder
 from samunet.sharing.export_zip import FORMAT, MANIFEST
-from samunet.training.checkpoint import load_checkpoint
+from samunet.models.run_checkpoint import load_checkpoint
 from samunet.utils import SamunetError, check_writable_folder
 
 logger = logging.getLogger("samunet")

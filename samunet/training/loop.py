@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from samunet.training.checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from samunet.models.run_checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from samunet.training.progress import plot_progress
 from samunet.training.run_lock import RunLock
 from samunet.utils import SamunetError

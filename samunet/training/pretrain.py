@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from samunet.training.checkpoint import check_compatible, load_checkpoint
+from samunet.models.run_checkpoint import check_compatible, load_checkpoint
 from samunet.training.data import OnTheFlyData, uniform_sampling
 from samunet.training.splits import get_split
 from samunet.training.trainer import Trainer, model_folder

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from samunet.training import prompts as P
+from samunet.preprocessing import prompt_simulation as P
 
 KINDS = {"box": 0.17, "box_jitter": 0.13, "box_point": 0.05, "point": 0.15, "points": 0.1, "session": 0.2,
          "refine": 0.15, "background": 0.05}

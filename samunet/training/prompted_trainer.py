@@ -24,7 +24,7 @@ from samunet.paths import preprocessed_folder, resolve_dataset_name
 from samunet.planning.plans import get_configuration, load_plans
 from samunet.preprocessing.embedding_cache import EmbeddingCache
 from samunet.preprocessing.prompt_geometry import probabilities_to_logits
-from samunet.training import prompts as P
+from samunet.preprocessing import prompt_simulation as P
 from samunet.training.data import BackgroundBatches, CachedData
 from samunet.training.loop import EpochLoop
 from samunet.training.progress import TextLog, new_log

@@ -19,7 +19,7 @@ from samunet.models.for_plans import build_encoder_for_plans, build_model, resol
 from samunet.paths import preprocessed_folder, resolve_dataset_name, results_folder
 from samunet.planning.plans import get_configuration, load_plans
 from samunet.preprocessing.embedding_cache import EmbeddingCache
-from samunet.training.checkpoint import check_compatible, load_checkpoint
+from samunet.models.run_checkpoint import check_compatible, load_checkpoint
 from samunet.training.augmented_views import AugmentedViews, views_for
 from samunet.training.cached_augmentation import WarpParams
 from samunet.training.data import BackgroundBatches, CachedData, OnTheFlyData

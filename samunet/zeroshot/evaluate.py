@@ -2,7 +2,7 @@
 
 For each chosen slice the encoder runs once; its embedding serves every prompt mode, every simulated prompt,
 every corrective click and the 'everything' grid. Prompts are simulated per object (class x connected
-component) from the ground truth (`samunet.training.prompts`); masks are mapped back to the slice grid and
+component) from the ground truth (`samunet.preprocessing.prompt_simulation`); masks are mapped back to the slice grid and
 scored there with Dice, so numbers do not depend on the encoder's input size.
 
 Prompt modes: ``everything`` (automatic masks, matched to each object by best Dice and by predicted IoU),
@@ -39,7 +39,7 @@ from samunet.planning.plans import get_configuration, load_plans
 from samunet.preprocessing.encoder_inputs import encoder_inputs, make_layout, slice_images
 from samunet.preprocessing.prompt_geometry import SliceGeometry
 from samunet.utils import SamunetError, load_json
-from samunet.training import prompts as P
+from samunet.preprocessing import prompt_simulation as P
 from samunet.zeroshot.automatic import AutomaticSettings, automatic_masks, match_object
 
 logger = logging.getLogger("samunet")
@@ -119,7 +119,7 @@ class ZeroShotEvaluator:
         self.decoder_state, self.only_cases = None, None
         if decoder is not None:   # the decoder's own input size unless another is asked for (and then refused)
             from samunet.inference.prompted_decoder import decoder_checkpoint
-            from samunet.training.checkpoint import load_checkpoint
+            from samunet.models.run_checkpoint import load_checkpoint
             state = load_checkpoint(decoder_checkpoint(decoder, decoder_fold))
             input_size = input_size or (state.get("encoder_identity") or {}).get("input_size")
             if state.get("dataset_name") != self.dataset_name:
@@ -168,7 +168,7 @@ class ZeroShotEvaluator:
         from samunet.models.encoders import encoder_identity
         from samunet.models.for_plans import build_encoder_for_plans, model_from_state
         from samunet.models.specs import ENCODER_HEADS
-        from samunet.training.checkpoint import check_compatible, load_checkpoint
+        from samunet.models.run_checkpoint import check_compatible, load_checkpoint
         found, splits = self._trained_folds()
         if not found:
             return []

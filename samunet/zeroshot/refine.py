@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from samunet.preprocessing.encoder_inputs import make_layout, probabilities_to_slice, slice_images
 from samunet.preprocessing.prompt_geometry import SliceGeometry
-from samunet.training import prompts as P
+from samunet.preprocessing import prompt_simulation as P
 from samunet.utils import SamunetError, atomic_write_bytes, save_json
 
 TARGETS = (0.85, 0.90)
@@ -37,7 +37,7 @@ def load_models(ev, model_folder, folds=None, checkpoint: str = "checkpoint_fina
     from samunet.models.encoders import encoder_identity
     from samunet.models.for_plans import model_from_state
     from samunet.models.specs import ENCODER_HEADS
-    from samunet.training.checkpoint import check_compatible, load_checkpoint
+    from samunet.models.run_checkpoint import check_compatible, load_checkpoint
     folder = Path(model_folder)
     if int(ev.config["encoder_input_size"]) != ev.input_size:
         raise SamunetError(f"--refine needs the plans' encoder input size ({ev.config['encoder_input_size']} px), "
