@@ -6,8 +6,8 @@ same function ``samunet_train --num_labeled_cases`` uses) and evaluated on the f
 
 - samunet heads on the frozen encoder (``--heads autosam cnn linear``), trained on cached embeddings;
 - ``unet``: nnU-Net's 2D U-Net topology (dynamic-network-architectures ``PlainConvUNet``) trained from scratch
-  inside samunet (``samunet_train ... --head unet``) on the same augmented encoder-input images, with the same
-  sampling, training loop and final validation;
+  inside samunet (``samunet_train ... --head unet``) on augmented slices on the hybrid head's canvas (the hybrid
+  head without the frozen embedding), with the same sampling, training loop and final validation;
 - ``unet_ssl``: the same U-Net, first pre-trained self-supervised on every training slice of the fold with labels
   unused (``samunet_pretrain``, masked image modelling; once per fold, shared by every column), then fine-tuned on
   the labelled subset (``samunet_train ... --head unet --pretrained_weights``); its pre-training time is reported
@@ -52,7 +52,8 @@ from samunet.models.specs import ENCODER_HEADS, HEADS  # noqa: E402  (light: no 
 
 NNUNET_TRAINER = "nnUNetTrainer_samunetBench"
 NNUNET_TRAINER_SOURCE = '''"""Written by samunet's benchmarks/label_efficiency.py: nnUNetTrainer with its training length (and, optionally,
-batch size) taken from environment variables, so a benchmark can state and fix the budget."""
+batch size) taken from environment variables, so a benchmark can state and fix the budget; it writes
+checkpoint_latest every 5 epochs (nnU-Net: 50), so that a study interrupted on a CPU loses little when resumed."""
 import os
 
 import torch
@@ -69,6 +70,7 @@ class nnUNetTrainer_samunetBench(nnUNetTrainer):
                                                            self.num_iterations_per_epoch))
         self.num_val_iterations_per_epoch = int(os.environ.get("SAMUNET_BENCH_VAL_ITERATIONS",
                                                                self.num_val_iterations_per_epoch))
+        self.save_every = int(os.environ.get("SAMUNET_BENCH_SAVE_EVERY", 5))
         batch = os.environ.get("SAMUNET_BENCH_BATCH_SIZE")
         if batch:
             self.configuration_manager.configuration["batch_size"] = int(batch)
@@ -447,7 +449,7 @@ def markdown(report: dict) -> str:
                     f"on cached embeddings of the frozen encoder{stop('heads')}")
     if "unet" in b:
         text.append(f"- U-Net from scratch: {cap}{b['unet']['epochs']} x {b['unet']['iterations']} x "
-                    f"{b['unet']['batch_size']} on augmented encoder-input images (same sampling and loop as the "
+                    f"{b['unet']['batch_size']} on augmented slices on its canvas (same sampling and loop as the "
                     f"heads){stop('unet')}"
                     + (f"; {SSL} first pre-trained for {b['pretrain']['epochs']} x {b['pretrain']['iterations']} x "
                        f"{b['pretrain']['batch_size']} (masked image modelling, every training slice of the fold, "
@@ -709,8 +711,10 @@ def main(argv=None):
         "which is paid once per data set at preprocessing.",
     ]
     if "unet" in methods:
-        notes.insert(2, "The U-Net from scratch uses nnU-Net's 2d topology rule for samunet's encoder input "
-                        f"({cfg['encoder_input_size']} px, the resized slice), nnU-Net's SGD and poly schedule and "
+        unet_px = (cfg.get("unet") or {}).get("canvas_size") or cfg["encoder_input_size"]
+        notes.insert(2, "The U-Net from scratch uses nnU-Net's 2d topology rule for its canvas "
+                        f"({unet_px} px, the resized slice, as the hybrid head's image path), nnU-Net's SGD and poly "
+                        "schedule and "
                         "samunet's Dice + cross-entropy loss without deep supervision; nnU-Net itself works on its "
                         "own patch at the native resolution, with its own plans (its own slice axis, patch size and "
                         "normalisation).")
@@ -736,8 +740,8 @@ def main(argv=None):
         "budgets": {"heads": heads_b, "unet": unet_b, "pretrain": pre_b, **({"nnunet": nn_b} if nn else {})},
         "samunet_plans": {"encoder": plans["encoder"]["name"], "encoder_input_size": cfg["encoder_input_size"],
                           "inplane_mode": cfg["inplane_mode"], "slice_axis": cfg["slice_axis"],
-                          "unet": cfg.get("unet") or __import__("samunet.models.unet", fromlist=["x"]).unet_block(
-                              cfg["patch_size"])},
+                          "unet": cfg.get("unet") or __import__("samunet.models.unet", fromlist=["x"]).canvas_block(
+                              cfg)},
         "nnunet_preprocess_wall_s": nn.preprocess_time() if nn else None,
         "cells": {k: cells[k] for k in cells if k.split("_n")[0] in methods},
         "crosscheck_predict": crosscheck,

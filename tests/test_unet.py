@@ -1,5 +1,6 @@
-"""The from-scratch 2D U-Net baseline (``--head unet``): nnU-Net's topology for samunet's encoder input, trained on
-augmented images through the normal training loop, predicted through the normal prediction path."""
+"""The from-scratch 2D U-Net baseline (``--head unet``): nnU-Net's topology for its canvas (the slice at about the
+data's own resolution, as the hybrid head's image path), trained on augmented images through the normal training
+loop, predicted through the normal prediction path."""
 import json
 import os
 from pathlib import Path
@@ -50,7 +51,11 @@ def test_unet_plans_and_short_training(unet_run):
     plans = json.loads((Path(os.environ["samunet_preprocessed"]) / "Dataset004_Hippocampus" /
                         "samunetPlans.json").read_text())
     cfg = plans["configurations"]["2d"]
-    assert cfg["initial_lr"]["unet"] == 1e-2 and cfg["unet"]["n_stages"] == 6
+    # the canvas rule of the hybrid head: Hippocampus slices of about 36 x 50 px -> 64 px (not the 128 px encoder
+    # input), so five stages
+    assert cfg["initial_lr"]["unet"] == 1e-2 and cfg["unet"]["n_stages"] == 5
+    assert cfg["unet"]["canvas_size"] == cfg["hybrid"]["canvas_size"] == 64 and t.head.input_size == 64
+    assert t.train_data.batch([0, 1])["images"].shape[-2:] == (64, 64)
     assert t.encoder is None and t.cache is None and not t.use_cache
     assert isinstance(t.optimizer, torch.optim.SGD)
     g = t.optimizer.param_groups[0]
@@ -120,8 +125,9 @@ def test_pretraining_reconstructs_and_fine_tuning_starts_from_it(unet_run, tmp_p
     capsys.readouterr()
     foreign = {"segmentation.pth": (scratch.output / "checkpoint_final.pth", "not a samunet_pretrain checkpoint"),
                "other_dataset.pth": ({**state, "dataset_name": "Dataset005_Prostate"}, "dataset_name"),
-               "other_topology.pth": ({**state, "unet_architecture": {**state["unet_architecture"],
-                                                                      "n_stages": 5}}, "another topology")}
+               "other_topology.pth": ({**state, "unet_architecture": {
+                   **state["unet_architecture"], "n_stages": state["unet_architecture"]["n_stages"] + 1}},
+                   "another topology")}
     for name, (what, message) in foreign.items():
         path = what if isinstance(what, Path) else tmp_path / name
         if not isinstance(what, Path):

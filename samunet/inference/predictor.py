@@ -4,7 +4,7 @@ For each slice the frozen encoder runs once per test-time-augmentation view; eve
 embedding, so an ensemble of five folds costs one encoder pass, not five. Class probabilities are averaged over
 heads (folds) and views, blended over tiles with a Gaussian weight in sliding-window mode, and mapped back through
 every preprocessing step to the original file's geometry. Models that read images instead of embeddings (the
-from-scratch U-Net, ``takes_images``) get the encoder inputs of each view directly; with only such models no
+from-scratch U-Net, ``takes_images``) get each view of the slice on their canvas directly; with only such models no
 encoder is needed (``encoder=None``).
 """
 from __future__ import annotations
@@ -41,9 +41,12 @@ def predict_preprocessed(data: np.ndarray, config: dict, encoder, heads: list, n
         raise ValueError("embedding heads need the encoder (only image models such as the U-Net run without one)")
     s_count = data.shape[1]
     layout = make_layout(data.shape[2:], config)
-    # hybrid heads read the slice on their own canvas, laid out like the encoder input at another size
+    # the hybrid heads and the U-Net read the slice on their own canvas, laid out like the encoder input at another
+    # size (a U-Net of older plans has none: it reads the encoder input)
+    on_own_canvas = [hy or (im and getattr(h, "input_size", None) is not None)
+                     for h, im, hy in zip(heads, image_models, hybrids)]
     canvases = {h.input_size: make_layout(data.shape[2:], {**config, "encoder_input_size": h.input_size})
-                for h, hy in zip(heads, hybrids) if hy}
+                for h, c in zip(heads, on_own_canvas) if c}
     n_tiles = len(layout["tiles"])
     views = TTA_VIEWS if tta else TTA_VIEWS[:1]
     out = np.zeros((num_classes, s_count, *data.shape[2:]), np.float32)
@@ -58,7 +61,8 @@ def predict_preprocessed(data: np.ndarray, config: dict, encoder, heads: list, n
         for view in views:
             x = emb = None
             images = {s: np.ascontiguousarray(_flip(slice_images(data, s, config), view)) for s in ext}
-            if any(image_models) or view or cached_embeddings is None:
+            if any(im and not c for im, c in zip(image_models, on_own_canvas)) or \
+                    (not all(image_models) and (view or cached_embeddings is None)):
                 x = torch.cat([encoder_inputs(images[s], layout) for s in ext]).to(device)  # (n*T, n_enc, 3, P, P)
             if not all(image_models):
                 if not view and cached_embeddings is not None:
@@ -72,9 +76,11 @@ def predict_preprocessed(data: np.ndarray, config: dict, encoder, heads: list, n
                 x = x[inner]
             on_canvas = {q: torch.cat([encoder_inputs(images[s], lay) for s in chunk]).flatten(1, 2).to(device)
                          for q, lay in canvases.items()}  # (n*T, n_enc * 3, Q, Q)
-            for head, takes_images, hybrid in zip(heads, image_models, hybrids):
+            for head, takes_images, hybrid, own in zip(heads, image_models, hybrids, on_own_canvas):
                 if hybrid:
                     logits, head_layout = head(emb, on_canvas[head.input_size]), canvases[head.input_size]
+                elif own:
+                    logits, head_layout = head(on_canvas[head.input_size]), canvases[head.input_size]
                 else:
                     inp = x.reshape(x.shape[0], -1, *x.shape[3:]) if takes_images else emb
                     logits, head_layout = head(inp), layout

@@ -10,9 +10,9 @@ Why: a head that sees only the embedding decodes boundaries from a grid at a qua
 trained from scratch sees every pixel but has no prior, so it needs many labelled cases. The hybrid head is both:
 
 * **Image path**: dynamic-network-architectures' ``PlainConvEncoder`` / ``UNetDecoder``, configured by nnU-Net's
-  2d rule (``unet_block``) for a Q x Q canvas, where Q is the planner's ``hybrid.canvas_size``: the median slice
-  extent rounded up to a multiple of 16 and capped at the encoder input P (Hippocampus: 64 px for slices of about
-  36 x 50 px, against P = 128). The slice is laid out on the canvas exactly as on the encoder input (longest side
+  2d rule (``unet_block``) for a Q x Q canvas, where Q is the planner's ``hybrid.canvas_size`` (the U-Net's
+  canvas, ``canvas_block``): the median slice extent rounded up to a multiple of 16 and capped at the encoder
+  input P (Hippocampus: 64 px for slices of about 36 x 50 px, against P = 128). The slice is laid out on the canvas exactly as on the encoder input (longest side
   scaled to the canvas, top-left, zero padding; in sliding-window mode Q = P and the tiles coincide), so the canvas
   and the embedding grid cover the same extent and relate by a uniform scale. Its cost per iteration is that of a
   2d nnU-Net on a Q x Q patch.
@@ -32,38 +32,18 @@ Encoders without a pretrained mask decoder (the tiny test encoder) get the same 
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from samunet.models.heads import ChannelFusion
-from samunet.models.unet import _init_weights, unet_block
-
-CANVAS_MULTIPLE = 16
-
-
-def canvas_size(config: dict) -> tuple[int, str]:
-    """The hybrid head's canvas side Q for a planned configuration, with its reason."""
-    p = int(config["encoder_input_size"])
-    if config["inplane_mode"] != "resize":
-        return p, (f"sliding-window tiles are already at the target spacing: the canvas is the {p} px tile, "
-                   "aligned with the encoder's")
-    extent = float(max(config["median_slice_shape"]))
-    q = int(min(p, max(CANVAS_MULTIPLE * 2, math.ceil(extent / CANVAS_MULTIPLE) * CANVAS_MULTIPLE)))
-    return q, (f"median slice extent {extent:.0f} px at the target spacing, rounded up to a multiple of "
-               f"{CANVAS_MULTIPLE} and capped at the {p} px encoder input: the image path works at about the data's "
-               f"own resolution ({(q / p) ** 2:.2f}x the pixels of the encoder input)")
+from samunet.models.unet import _init_weights, canvas_block
 
 
 def hybrid_block(config: dict) -> dict:
-    """The plans' ``hybrid`` block: canvas size and the nnU-Net 2d topology for it."""
-    q, reason = canvas_size(config)
-    block = unet_block([q, q])
-    block["canvas_size"] = q
-    block["canvas_reason"] = reason
-    return block
+    """The plans' ``hybrid`` block: the image path's canvas (``canvas_block``, as the U-Net's) and its topology."""
+    return canvas_block(config)
 
 
 def _upscaling_like_sam(dim: int) -> nn.Sequential:

@@ -1,15 +1,20 @@
-"""A 2D U-Net trained from scratch on the encoder inputs: the no-pretraining baseline for the frozen-encoder heads.
+"""A 2D U-Net trained from scratch on the slice: the no-pretraining baseline for the frozen-encoder heads.
 
     model = build_unet(plans_config["unet"], in_channels=3, num_classes=3)
-    logits = model(images)         # (B, in_channels, P, P)  ->  (B, num_classes, P, P)
+    logits = model(images)         # (B, in_channels, Q, Q)  ->  (B, num_classes, Q, Q)
 
-It is dynamic-network-architectures' ``PlainConvUNet`` configured the way nnU-Net configures its 2d U-Net, but
-for samunet's P x P encoder input (the resized slice or tile that the frozen encoder would see) instead of
-nnU-Net's own patch: the planner's ``unet`` block (``unet_block``) fixes stages, features and kernel sizes. The
-model reads images, not embeddings (``takes_images``), so no encoder is built or run for it; the input is the
-encoder input itself, i.e. ``n_enc x 3`` channels in [0, 1] (replicated grey channels stay replicated).
+It is dynamic-network-architectures' ``PlainConvUNet`` configured the way nnU-Net configures its 2d U-Net, for a
+Q x Q canvas (``canvas_block``): the slice laid out exactly as on the encoder input (longest side scaled to the
+canvas, top-left, zero padding), with Q the median slice extent at the target spacing rounded up to a multiple of
+16 and capped at the encoder input P. The U-Net thus works at about the data's own resolution, as nnU-Net does,
+and is the hybrid head's image path without the frozen embedding: the two differ only by SAM's features. (Plans
+written before the canvas existed have no ``canvas_size``: their U-Net reads the P x P encoder input.) The model
+reads images, not embeddings (``takes_images``), so no encoder is built or run for it; the input has ``n_enc x 3``
+channels in [0, 1] (replicated grey channels stay replicated).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -19,6 +24,7 @@ UNET_BASE_FEATURES = 32
 UNET_MAX_FEATURES_2D = 512
 UNET_CONVS_PER_STAGE = 2
 UNET_KERNEL = 3
+CANVAS_MULTIPLE = 16
 
 
 def unet_block(patch_size) -> dict:
@@ -52,8 +58,31 @@ def unet_block(patch_size) -> dict:
     }
 
 
+def canvas_size(config: dict) -> tuple[int, str]:
+    """The side Q of the canvas on which the image models (the U-Net, the hybrid head's image path) read a slice
+    of a planned configuration, with its reason."""
+    p = int(config["encoder_input_size"])
+    if config["inplane_mode"] != "resize":
+        return p, (f"sliding-window tiles are already at the target spacing: the canvas is the {p} px tile, "
+                   "aligned with the encoder's")
+    extent = float(max(config["median_slice_shape"]))
+    q = int(min(p, max(CANVAS_MULTIPLE * 2, math.ceil(extent / CANVAS_MULTIPLE) * CANVAS_MULTIPLE)))
+    return q, (f"median slice extent {extent:.0f} px at the target spacing, rounded up to a multiple of "
+               f"{CANVAS_MULTIPLE} and capped at the {p} px encoder input: the image path works at about the data's "
+               f"own resolution ({(q / p) ** 2:.2f}x the pixels of the encoder input)")
+
+
+def canvas_block(config: dict) -> dict:
+    """A plans block for an image model: the canvas size and nnU-Net's 2d topology for it."""
+    q, reason = canvas_size(config)
+    block = unet_block([q, q])
+    block["canvas_size"] = q
+    block["canvas_reason"] = reason
+    return block
+
+
 class UNetModel(nn.Module):
-    """``PlainConvUNet`` taking ``(B, C, P, P)`` encoder-input images."""
+    """``PlainConvUNet`` taking ``(B, C, Q, Q)`` images on its canvas (``input_size``; None: the encoder input)."""
 
     takes_images = True
 
@@ -64,6 +93,7 @@ class UNetModel(nn.Module):
         self.in_channels = int(in_channels)
         self.num_classes = int(num_classes)
         a = self.architecture
+        self.input_size = int(a["canvas_size"]) if a.get("canvas_size") else None
         self.net = PlainConvUNet(
             input_channels=self.in_channels, n_stages=a["n_stages"], features_per_stage=a["features_per_stage"],
             conv_op=nn.Conv2d, kernel_sizes=a["kernel_sizes"], strides=a["strides"],

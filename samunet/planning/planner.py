@@ -13,7 +13,7 @@ import numpy as np
 from samunet import __version__
 from samunet.models.specs import HEADS, EncoderSpec, get_encoder_spec
 from samunet.models.hybrid import hybrid_block
-from samunet.models.unet import unet_block
+from samunet.models.unet import canvas_block
 from samunet.utils import SamunetError, stable_hash
 
 PLANS_NAME = "samunetPlans"
@@ -28,9 +28,9 @@ NUM_EPOCHS_CACHED, NUM_EPOCHS_ON_THE_FLY = 100, 50
 EARLY_STOPPING_PATIENCE = 15
 CPU_HOURS_PER_FOLD = 3.0          # the epoch cap on a CPU keeps one fold within a few hours
 # seconds per training sample on 2 CPU cores (fp32, forward and backward), measured at the size given, and scaled
-# by pixels to other sizes: heads at the encoder input P, the hybrid head at its canvas Q
+# by pixels to other sizes: heads at the encoder input P, the U-Net and the hybrid head at their canvas Q
 CPU_SECONDS_PER_SAMPLE = {"autosam": (0.075, 128), "cnn": (0.05, 128), "linear": (0.005, 128),
-                          "unet": (0.28, 128), "hybrid": (0.03, 64)}
+                          "unet": (0.019, 64), "hybrid": (0.03, 64)}  # the U-Net: 0.63x the hybrid head, same run
 INITIAL_LR = {"autosam": 1e-3, "cnn": 1e-3, "linear": 1e-2,  # a lone 1x1 classifier needs larger steps
               "unet": 1e-2,  # the from-scratch U-Net: nnU-Net's SGD learning rate
               "hybrid": 1e-2}  # the hybrid head is mostly a U-Net: nnU-Net's SGD learning rate
@@ -246,7 +246,6 @@ def _configuration(name: str, context: int, embedding_context: int, fingerprint:
                                   "so small or easy data sets stop at their plateau instead of a fixed guess; "
                                   "override with samunet_train --patience"),
         "initial_lr": dict(INITIAL_LR),
-        "unet": unet_block([input_size, input_size]),
         "cache_embeddings": bool(cache),
         "estimated_cache_gb": round(cache_gb, 3),
         "cache_reason": cache_reason,
@@ -255,6 +254,7 @@ def _configuration(name: str, context: int, embedding_context: int, fingerprint:
         "estimated_encoder_cpu_hours": round(gflop_total / CPU_GFLOPS_REFERENCE / 3600, 3),
         "encoder_cpu_hours_note": f"at {CPU_GFLOPS_REFERENCE:.0f} GFLOP/s (the fp32 reference encoder on 2 CPU cores)",
     }
+    config["unet"] = canvas_block(config)
     config["hybrid"] = hybrid_block(config)
     config["cpu_num_epochs"], config["cpu_num_epochs_reason"] = _cpu_epochs(config)
     return config
@@ -264,7 +264,7 @@ def _cpu_epochs(config: dict) -> tuple[dict, str]:
     """Per head, the epoch cap on a CPU: the plans' epochs, or fewer where they would take over a few hours."""
     out = {}
     for head, (seconds, size) in CPU_SECONDS_PER_SAMPLE.items():
-        side = config["hybrid"]["canvas_size"] if head == "hybrid" else config["encoder_input_size"]
+        side = config[head]["canvas_size"] if head in ("unet", "hybrid") else config["encoder_input_size"]
         epoch_s = config["iterations_per_epoch"] * config["batch_size"] * seconds * (side / size) ** 2
         out[head] = int(max(5, min(config["num_epochs"], CPU_HOURS_PER_FOLD * 3600 // max(epoch_s, 1e-6))))
     return out, (f"on a CPU (2 cores measured) the epoch cap is lowered so that one fold trains in at most about "

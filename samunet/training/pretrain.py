@@ -11,8 +11,8 @@ SAM heads, the foundation model's pre-training adds nothing.
 Method: **masked image modelling** with the U-Net itself (the restoration family of Models Genesis, Zhou et al.,
 MICCAI 2019 / MedIA 2021, in the masked-patch form that Wald et al., "Revisiting MAE pre-training for 3D medical
 image segmentation", CVPR 2025, found the strongest self-supervised pre-training for CNN U-Nets on medical data).
-Square patches of each augmented encoder-input image (``MASK_GRID`` x ``MASK_GRID`` patches, ``MASK_RATIO`` of
-them) are set to zero, and the U-Net, with one output channel per input channel, reconstructs the image; the loss
+Square patches of each augmented U-Net input (the slice on its canvas; ``MASK_GRID`` x ``MASK_GRID`` patches,
+``MASK_RATIO`` of them) are set to zero, and the U-Net, with one output channel per input channel, reconstructs the image; the loss
 is the mean squared error on the masked pixels only. It was chosen over global + local contrastive learning
 (Chaitanya et al., NeurIPS 2020) because it pre-trains the encoder *and* the decoder that segmentation reuses, needs
 no negatives (contrastive learning wants large batches, which a CPU cannot afford), and no hand-made partition of
@@ -93,14 +93,14 @@ class Pretrainer(Trainer):
         self.params = list(self.head.parameters())
         self.setup_precision()
         data_dir = self.pp_folder / self.config["data_identifier"]
-        self.train_data = uniform_sampling(OnTheFlyData(data_dir, self.train_ids, self.config, self.label_values,
+        self.train_data = uniform_sampling(OnTheFlyData(data_dir, self.train_ids, self.image_config, self.label_values,
                                                         augment=True))
-        self.val_data = OnTheFlyData(data_dir, self.val_ids, self.config, self.label_values, augment=False)
+        self.val_data = OnTheFlyData(data_dir, self.val_ids, self.image_config, self.label_values, augment=False)
         rng = np.random.default_rng([self.seed, 10**6])
         self.val_rows = np.sort(rng.permutation(len(self.val_data))[:VAL_ROWS])
 
     def _loss(self, batch: dict) -> torch.Tensor:
-        images = self._embed(batch)  # (B, C, P, P) encoder-input images
+        images = self._embed(batch)  # (B, C, Q, Q) canvas images
         mask = random_patch_mask(len(images), images.shape[-1], MASK_GRID, MASK_RATIO, None).to(self.device)
         with self._autocast():
             return masked_reconstruction_error(self.head, images, mask)[0]

@@ -164,21 +164,25 @@ class Trainer(EpochLoop):
             self.train_data = CachedData(self.cache, self.train_ids, self.num_classes, canvas, warp, self.views)
             self.val_data = CachedData(self.cache, self.val_ids, self.num_classes, canvas)
         else:
-            self.train_data = OnTheFlyData(data_dir, self.train_ids, self.config, self.label_values, augment=True)
-            self.val_data = OnTheFlyData(data_dir, self.val_ids, self.config, self.label_values, augment=False)
+            cfg = self.image_config if self.takes_images else self.config
+            self.train_data = OnTheFlyData(data_dir, self.train_ids, cfg, self.label_values, augment=True)
+            self.val_data = OnTheFlyData(data_dir, self.val_ids, cfg, self.label_values, augment=False)
         n_val = VAL_ROWS_CACHED if self.use_cache else VAL_ROWS_ON_THE_FLY
         rng = np.random.default_rng([self.seed, 10**6])
         self.val_rows = np.sort(rng.permutation(len(self.val_data))[:n_val])
 
     def _build_unet(self, num_outputs: int | None = None) -> None:
-        """The from-scratch U-Net: nnU-Net's topology for the encoder input, nnU-Net's optimiser; with
-        ``pretrained_weights``, its weights start from a ``samunet_pretrain`` checkpoint."""
-        from samunet.models.unet import unet_block
+        """The from-scratch U-Net: nnU-Net's topology for its canvas, nnU-Net's optimiser; with
+        ``pretrained_weights``, its weights start from a ``samunet_pretrain`` checkpoint. ``image_config`` is the
+        configuration with the canvas as its input size, for the data that feed the U-Net."""
+        from samunet.models.unet import canvas_block
         arch = self.config.get("unet")
         if arch is None:  # plans written before the planner had a unet block: the same rule, applied here
-            arch = unet_block(self.config["patch_size"])
-            logger.info("the plans have no 'unet' block; using the planner's rule for %s px", self.config["patch_size"])
+            arch = canvas_block(self.config)
+            logger.info("the plans have no 'unet' block; using the planner's rule (canvas %d px)", arch["canvas_size"])
         self.unet_architecture = {k: v for k, v in arch.items() if not k.endswith("reason")}
+        canvas = self.unet_architecture.get("canvas_size")  # absent in older plans: the encoder input
+        self.image_config = {**self.config, "encoder_input_size": int(canvas)} if canvas else self.config
         self.head = build_model("unet", None, num_outputs or self.num_classes, self.n_enc,
                                 unet_architecture=self.unet_architecture).to(self.device)
         if self.pretrained_weights is not None:
@@ -241,9 +245,9 @@ class Trainer(EpochLoop):
         return (self._embed(batch),)
 
     def _embed(self, batch: dict) -> torch.Tensor:
-        """Embeddings for a head, the encoder-input images themselves for the U-Net."""
+        """Embeddings for a head, the images on its canvas themselves for the U-Net."""
         if self.takes_images:
-            x = batch["images"].to(self.device)  # (B, n_enc, 3, P, P)
+            x = batch["images"].to(self.device)  # (B, n_enc, 3, Q, Q)
             return x.reshape(x.shape[0], -1, *x.shape[3:])
         if "emb" in batch:
             return batch["emb"].to(self.device, non_blocking=True)
@@ -298,7 +302,7 @@ class Trainer(EpochLoop):
 
     def _input_kind(self) -> str:
         if self.takes_images:
-            return "augmented images, no encoder"
+            return f"augmented images on a {self.image_config['encoder_input_size']} px canvas, no encoder"
         if self.views is not None:
             return f"cached embeddings, plus {self.views.views} augmented views of each labelled input, encoded"
         return "cached embeddings" if self.use_cache else "encoded on the fly"

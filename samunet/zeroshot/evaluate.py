@@ -28,19 +28,19 @@ import logging
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from samunet.paths import preprocessed_folder, resolve_dataset_name, results_folder
+from samunet.paths import preprocessed_folder, resolve_dataset_name
 from samunet.planning.plans import get_configuration, load_plans
 from samunet.preprocessing.encoder_inputs import encoder_inputs, make_layout, slice_images
 from samunet.preprocessing.prompt_geometry import SliceGeometry
-from samunet.utils import SamunetError, load_json
+from samunet.utils import SamunetError
 from samunet.preprocessing import prompt_simulation as P
 from samunet.zeroshot.automatic import AutomaticSettings, automatic_masks, match_object
+from samunet.zeroshot.trained_heads import load_trained_heads, trained_folds
 
 logger = logging.getLogger("samunet")
 
@@ -146,61 +146,8 @@ class ZeroShotEvaluator:
         st.automatic.multimask = st.multimask
         self.pretrained_multimask = st.multimask
         self.identity = encoder_identity(self.encoder)
-        self.trained = self._load_trained() if compare_trained else []
-
-    # ----------------------------------------------------------------------------------------- trained heads
-    def _trained_folds(self) -> tuple[list, list]:
-        """(model folder, fold folder) of every trained fold with checkpoint_final.pth, and the splits; nothing
-        when there is no splits_final.json to say which cases each fold never trained on."""
-        folder = results_folder() / self.dataset_name
-        pattern = f"samunetTrainer_*__{self.plans['plans_name']}__{self.configuration}"
-        found = [(d, f) for d in sorted(folder.glob(pattern)) for f in sorted(d.glob("fold_*"))
-                 if (f / "checkpoint_final.pth").is_file() and f.name != "fold_all"]
-        splits_file = self.pp / "splits_final.json"
-        if found and not splits_file.is_file():
-            logger.warning("trained models exist but %s does not; they are not compared", splits_file)
-            return [], []
-        return found, (load_json(splits_file) if found else [])
-
-    def _load_trained(self) -> list[dict]:
-        """Every trained fold (checkpoint_final.pth) of this data set and configuration, with its validation
-        cases. Checkpoints that do not fit the current plans are skipped with a warning."""
-        from samunet.models.encoders import encoder_identity
-        from samunet.models.for_plans import build_encoder_for_plans, model_from_state
-        from samunet.models.specs import ENCODER_HEADS
-        from samunet.models.run_checkpoint import check_compatible, load_checkpoint
-        found, splits = self._trained_folds()
-        if not found:
-            return []
-        splits_file = self.pp / "splits_final.json"
-        encoder = self.encoder if self.input_size == int(self.config["encoder_input_size"]) \
-            and self.encoder_name == self.plans["encoder"]["name"] else None
-        if encoder is None:
-            encoder = build_encoder_for_plans(self.plans, self.config, self.device)
-        identity = encoder_identity(encoder)
-        out = []
-        for model_dir, fold_dir in found:
-            fold = int(fold_dir.name[len("fold_"):])
-            path = fold_dir / "checkpoint_final.pth"
-            try:
-                state = load_checkpoint(path)
-                check_compatible(state, path, {"configuration": self.configuration, "encoder_identity": identity,
-                                               "preprocessing_identity": self.config["preprocessing_identity"]})
-            except SamunetError as e:
-                logger.warning("trained model skipped: %s", e)
-                continue
-            if fold >= len(splits):
-                logger.warning("%s: fold %d is not in %s; skipped", model_dir.name, fold, splits_file)
-                continue
-            if state["head"] not in ENCODER_HEADS or int(state.get("embedding_context", 1)) != 1:
-                logger.info("%s: %s reads more than its slice's embedding; not compared here", path, state["head"])
-                continue
-            head = model_from_state(state, encoder)
-            trainer = model_dir.name.split("__")[0]
-            out.append({"name": f"{trainer.replace('samunetTrainer_', '')}_fold{fold}", "trainer": trainer,
-                        "fold": fold, "head": head.to(self.device).eval(), "encoder": encoder,
-                        "val": set(splits[fold]["val"])})
-        return out
+        self.trained = load_trained_heads(self.dataset_name, self.plans, self.configuration, self.encoder,
+                                          self.encoder_name, self.input_size, self.device) if compare_trained else []
 
     # ----------------------------------------------------------------------------------------------- choice
     def choose_cases(self) -> list[str]:
@@ -214,7 +161,7 @@ class ZeroShotEvaluator:
                 " of the decoder's validation set" if self.only_cases is not None else ""))
         rng = np.random.default_rng(self.settings.seed)
         # the same cases whether or not the trained heads are compared in this run
-        found, splits = self._trained_folds()
+        found, splits = trained_folds(self.dataset_name, self.plans, self.configuration)
         folds = {int(f.name[len("fold_"):]) for _, f in found}
         val = set().union(*(set(splits[k]["val"]) for k in folds if k < len(splits))) if folds else set()
         if self.only_cases is not None:
