@@ -49,7 +49,10 @@ def test_hippocampus_cli_plans_preprocesses_and_resumes(samunet_dirs):
     assert cfg["hybrid"]["canvas_size"] == 64 and cfg["early_stopping_patience"] == 15
     # on a CPU a fold stays within a few hours: the epoch cap shrinks with each model's cost per sample
     cpu = cfg["cpu_num_epochs"]
-    assert 5 <= cpu["autosam"] < cpu["hybrid"] < cpu["unet"] <= cfg["num_epochs"]
+    assert 5 <= cpu["autosam"] <= cpu["hybrid"] <= cpu["unet"] <= cfg["num_epochs"]
+    from samunet.planning.planner import _cpu_epochs
+    busy = _cpu_epochs({**cfg, "iterations_per_epoch": 250, "batch_size": 32})[0]  # where the cap binds
+    assert 5 <= busy["autosam"] < busy["hybrid"] < busy["unet"] < cfg["num_epochs"], busy
     assert cfg["unet"]["canvas_size"] == 64 and "canvas_reason" in cfg["unet"]
     assert "hours" in cfg["cpu_num_epochs_reason"]
     for key in ("slice_axis_reason", "input_size_reason", "inplane_mode_reason", "head_reason",
