@@ -37,6 +37,7 @@ import torch  # noqa: E402
 from samunet.utils import SamunetError, save_json  # noqa: E402
 
 HEADS = ("autosam", "cnn", "linear", "hybrid", "unet")
+DDP_ITERATIONS = 30  # timed steps per head when all GPUs train together
 
 
 def _sync() -> None:
@@ -44,13 +45,14 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _timed(step, seconds: float) -> tuple[float, int]:
-    """Calls of ``step`` per second over about ``seconds`` after a warm-up (CUDA synchronised)."""
+def _timed(step, seconds: float, iterations: int | None = None) -> tuple[float, int]:
+    """Calls of ``step`` per second over about ``seconds`` (or exactly ``iterations`` calls, as processes stepping
+    together under DistributedDataParallel must) after a warm-up (CUDA synchronised)."""
     for _ in range(3):
         step()
     _sync()
     n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds or n == 0:
+    while (n < iterations) if iterations else (time.perf_counter() - t0 < seconds or n == 0):
         step()
         n += 1
         if n % 5 == 0:
@@ -131,7 +133,7 @@ def head_training(args, device, dist_wrap=None) -> dict:
             loss.backward()
             opt.step()
         try:
-            rate, _ = _timed(step, args.seconds)
+            rate, _ = _timed(step, args.seconds, DDP_ITERATIONS if dist_wrap else None)
             results[head] = {"batch": batch, "iterations_per_s": round(rate, 2), "samples_per_s": round(rate * batch, 1)}
         except Exception as exc:  # report the head that fails and go on with the others
             results[head] = {"batch": batch, "error": f"{type(exc).__name__}: {exc}"[:300]}

@@ -19,7 +19,7 @@ def train_processes(num_gpus: int | None, device: str, **kwargs) -> None:
         run_training(device=device, **kwargs)
         return
     from samunet.training.distributed import spawn
-    spawn(int(num_gpus), device, run_training, device=device, **kwargs)
+    spawn(int(num_gpus), device, run_training, {**kwargs, "device": device})
 
 
 def predict_parts(num_parts: int | None, part_id: int | None, device: str) -> tuple[int, int]:

@@ -161,7 +161,7 @@ def _spawned(local_rank: int, world: int, port: int, func, kwargs: dict) -> None
             torch.distributed.destroy_process_group()
 
 
-def spawn(num_processes: int, device: str, func, **kwargs) -> None:
+def spawn(num_processes: int, device: str, func, kwargs: dict) -> None:
     """Run ``func(**kwargs)`` in ``num_processes`` processes on this machine, as ``torchrun --standalone
     --nproc_per_node N`` would (nnU-Net's ``-num_gpus``): one per GPU, or CPU processes with ``device='cpu'``."""
     if num_processes < 1:
@@ -179,6 +179,6 @@ def spawn(num_processes: int, device: str, func, **kwargs) -> None:
         mp.spawn(_spawned, args=(num_processes, _free_port(), func, kwargs), nprocs=num_processes, join=True)
     except mp.ProcessExitedException as e:
         raise SamunetError(f"training process {e.error_index} of {num_processes} ended with exit code "
-                           f"{e.exit_code} (its message is above); --c resumes from the last checkpoint") from None
+                           f"{e.exit_code} (its message is above)") from None
     except mp.ProcessRaisedException as e:
         raise SamunetError(f"a training process failed:\n{e}") from None

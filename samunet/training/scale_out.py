@@ -47,8 +47,8 @@ class ScaleOut:
         if self.dist.active:
             note = (f"; {self.dist.world_size} processes ({self.dist.backend}), global batch {self.batch_size} = "
                     f"{self.dist.world_size} x ~{self.local_batch} per process; learning rate {self.initial_lr:g} "
-                    f"as for one process, since the global batch and the iterations per epoch stay those of the "
-                    f"plans, so a run may resume with another number of processes")
+                    f"as for one process: the global batch and the iterations per epoch do not depend on the "
+                    f"number of processes, so --c may resume with another number")
         if self.device_plan is not None:
             note += (f"; on {self.device_plan['device']}: batch {self.device_plan['batch_size_reason']}; "
                      f"encoding: {self.device_plan['on_the_fly_reason']}")
