@@ -59,10 +59,10 @@ def cache_embeddings(dataset, configuration: str, fold=None, num_parts: int | No
                      num_labeled_cases: int | None = None, ram_budget_mb: float = 4000.0) -> dict:
     """Encode this part's cases of ``configuration`` into the embedding cache (those already cached are kept).
     Returns ``{"folder", "part_id", "num_parts", "cases", "encoded_inputs"}``."""
+    num_parts, part_id, local = parts_from(num_parts, part_id)
     name = resolve_dataset_name(dataset)
     plans = load_plans(name, plans_name)
     config = get_configuration(plans, configuration)
-    num_parts, part_id, local = parts_from(num_parts, part_id)
     cases = shard(cases_to_cache(name, config, fold, num_labeled_cases), part_id, num_parts)
     dev = local_device(device, local)
     encoder = build_encoder_for_plans(plans, config, dev)
