@@ -47,6 +47,7 @@ setup(
             "samunet_accumulate_crossval_results=samunet.crossval_and_plans_cli:accumulate_crossval_results_entry",
             "samunet_move_plans_between_datasets=samunet.crossval_and_plans_cli:move_plans_between_datasets_entry",
             "samunet_finetune_prompted=samunet.prompted_cli:finetune_prompted_entry",
+            "samunet_cache_embeddings=samunet.scale_cli:cache_embeddings_entry",
         ]
     },
 )

@@ -190,9 +190,12 @@ def train_entry(argv=None):
                         "configuration and topology) instead of random weights, as nnUNetv2_train's flag does; the "
                         "run goes to samunetTrainer_unet_ssl[_nN] so it never overwrites the model from scratch")
     p.add_argument("--device", "-device", dest="device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("-num_gpus", type=int, default=None,
+                   help="train with N processes on this machine, one per GPU, with DistributedDataParallel (with "
+                        "--device cpu: N CPU processes); under torchrun leave it out")
+    p.add_argument("--compile", action="store_true", help="torch.compile the trained model (worth it on a GPU)")
     a = p.parse_args(argv)
     _setup_logging()
-    from samunet.training.trainer import run_training
     if a.tr is not None:
         from samunet.inference.predict import check_trainer_name
         a.head = check_trainer_name(a.tr, a.head, a.num_labeled_cases)
@@ -201,10 +204,12 @@ def train_entry(argv=None):
                                "weights; give --pretrained_weights exactly with it")
         n = re.search(r"_n(\d+)$", a.tr)
         a.num_labeled_cases = a.num_labeled_cases or (int(n.group(1)) if n else None)
-    run_training(a.dataset, a.configuration, a.fold, head=a.head, epochs=a.epochs,
+    from samunet.scale_cli import train_processes
+    train_processes(a.num_gpus, a.device, dataset=a.dataset, configuration=a.configuration, fold=a.fold,
+                 head=a.head, epochs=a.epochs,
                  iterations_per_epoch=a.iterations_per_epoch, num_labeled_cases=a.num_labeled_cases,
-                 continue_training=a.c, validation_only=a.val, device=a.device, save_probabilities=a.npz,
-                 use_cache=False if a.no_cache else None,
+                 continue_training=a.c, validation_only=a.val, save_probabilities=a.npz,
+                 use_cache=False if a.no_cache else None, compile_model=a.compile,
                  checkpoint="checkpoint_best.pth" if a.val_best else "checkpoint_final.pth", batch_size=a.batch_size,
                  patience=a.patience, augmented_views=a.augmented_views, pretrained_weights=a.pretrained_weights,
                  plans_name=a.p)
@@ -251,15 +256,22 @@ def _add_predict_options(p: argparse.ArgumentParser) -> None:
                    help="worker threads resampling and writing predictions (default 2; nnU-Net: 3 processes)")
     p.add_argument("--device", "-device", dest="device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--disable_progress_bar", action="store_true", help="no progress bar (for logs and batch jobs)")
+    p.add_argument("-num_parts", type=int, default=None,
+                   help="predict only part -part_id of this many parts of the cases (runs may go on at the same time, "
+                        "on other devices or machines); under torchrun: one part per process")
+    p.add_argument("-part_id", type=int, default=None, help="the part to predict, 0..num_parts-1")
 
 
 def _predict(a, model_dir) -> None:
     from samunet.inference.predict import check_folders
     from samunet.inference.samunet_predictor import SamunetPredictor
+    from samunet.scale_cli import predict_parts
     check_folders(a.i, a.o)  # before the models are loaded
+    num_parts, part_id = predict_parts(a.num_parts, a.part_id, a.device)
     predictor = SamunetPredictor(a.step_size, not a.disable_tta, a.device, not a.disable_progress_bar)
     predictor.initialize_from_trained_model_folder(model_dir, a.f, a.chk)
-    predictor.predict_from_files(a.i, a.o, a.save_probabilities, not a.continue_prediction, a.npp, a.nps)
+    predictor.predict_from_files(a.i, a.o, a.save_probabilities, not a.continue_prediction, a.npp, a.nps,
+                                 num_parts=num_parts, part_id=part_id)
 
 
 @_entry

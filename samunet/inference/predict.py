@@ -169,17 +169,20 @@ def predict_folder(input_folder, output_folder, model_dir, folds=None, checkpoin
 
 def predict_cases(predictor: EnsemblePredictor, input_folder, output_folder, save_probabilities: bool = False,
                   continue_prediction: bool = False, num_processes_preprocessing: int = 1,
-                  num_processes_export: int = 1, progress: bool = True) -> dict:
+                  num_processes_export: int = 1, progress: bool = True, num_parts: int = 1, part_id: int = 0) -> dict:
     """Predict every case of ``input_folder`` into ``output_folder``. Reading and preprocessing run ahead in
     ``num_processes_preprocessing`` worker threads and export in ``num_processes_export`` threads, while the
-    models predict in this one; the outputs do not depend on the numbers of workers."""
+    models predict in this one; the outputs do not depend on the numbers of workers. With ``num_parts``, only the
+    sorted cases ``part_id``, ``part_id + num_parts``, ...: parts running anywhere predict each case once."""
     input_folder, output_folder = check_folders(input_folder, output_folder)
     npp, nps = int(num_processes_preprocessing), int(num_processes_export)
     if npp < 1 or nps < 1:
         raise SamunetError(f"-npp {npp} / -nps {nps}: the numbers of workers must be at least 1")
     ending = predictor.plans["file_ending"]
+    if num_parts < 1 or not 0 <= part_id < num_parts:
+        raise SamunetError(f"-num_parts {num_parts} -part_id {part_id}: part_id must lie in 0..num_parts-1")
     cases = list_cases(input_folder, ending)
-    stray = stray_files(input_folder, ending)
+    stray = stray_files(input_folder, ending) if part_id == 0 else []  # reported once, by part 0
     if not cases:
         raise SamunetError(f"{input_folder}: no cases named CASE_XXXX{ending}"
                            + (f" (found {', '.join(p.name for p in stray[:3])}: wrong file ending?)" if stray else ""))
@@ -190,6 +193,7 @@ def predict_cases(predictor: EnsemblePredictor, input_folder, output_folder, sav
                "checkpoint": predictor.checkpoint, "tta": predictor.tta_requested, "tta_applied": predictor.tta,
                "tile_step_size": predictor.config.get("tile_step"), "save_probabilities": save_probabilities,
                "device": str(predictor.device)}, output_folder / "predict_from_raw_data_args.json")
+    cases = cases[part_id::num_parts]
     n_channels = len(predictor.plans["channel_names"])
     failed, done, skipped, todo = {}, [], [], []
     for p in stray:

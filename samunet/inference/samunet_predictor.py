@@ -51,11 +51,13 @@ class SamunetPredictor:
 
     def predict_from_files(self, source_folder, output_folder, save_probabilities: bool = False,
                            overwrite: bool = True, num_processes_preprocessing: int = 1,
-                           num_processes_segmentation_export: int = 1) -> dict:
+                           num_processes_segmentation_export: int = 1, num_parts: int = 1, part_id: int = 0) -> dict:
         """Predict every ``CASE_XXXX<ending>`` case of ``source_folder`` into ``output_folder`` (original geometry;
-        ``overwrite=False`` skips cases already predicted). Returns ``{"predicted": [...], "skipped": [...]}``."""
+        ``overwrite=False`` skips cases already predicted); with ``num_parts`` only part ``part_id`` of the cases.
+        Returns ``{"predicted": [...], "skipped": [...]}``."""
         return predict_cases(self._ready(), source_folder, output_folder, save_probabilities, not overwrite,
-                             num_processes_preprocessing, num_processes_segmentation_export, self.allow_tqdm)
+                             num_processes_preprocessing, num_processes_segmentation_export, self.allow_tqdm,
+                             num_parts, part_id)
 
     def predict_single_npy_array(self, input_image: np.ndarray, image_properties: dict,
                                  segmentation_previous_stage=None, output_file_truncated: str | None = None,

@@ -221,20 +221,25 @@ class OnTheFlyData:
 
 
 class BackgroundBatches:
-    """Produce ``n`` batches of ``data`` in a background thread."""
+    """Produce ``n`` batches of ``data`` in a background thread.
 
-    def __init__(self, data, n: int, batch_size: int, seed: int, epoch: int, prefetch: int = 3):
+    ``rank`` (a distributed run's process) draws its own batches from (seed, epoch, rank); rank 0 draws what a
+    single process draws. ``pin``: batches in page-locked memory, for non-blocking copies to a GPU."""
+
+    def __init__(self, data, n: int, batch_size: int, seed: int, epoch: int, prefetch: int = 3, rank: int = 0,
+                 pin: bool = False):
         self.q: queue.Queue = queue.Queue(maxsize=prefetch)
         self.n = n
 
         def work():
-            rng = np.random.default_rng([seed, epoch])
-            np.random.seed((seed * 100003 + epoch) % 2**32)  # batchgenerators draws from numpy's global state
+            rng = np.random.default_rng([seed, epoch] + ([rank] if rank else []))
+            # batchgenerators draws from numpy's global state
+            np.random.seed((seed * 100003 + epoch + 7919 * rank) % 2**32)
             try:
                 for _ in range(n):
                     rows = data.sampler.draw(rng, batch_size)
                     b = data.batch(rows, rng)
-                    self.q.put(b)
+                    self.q.put({k: v.pin_memory() for k, v in b.items()} if pin else b)
             except BaseException as e:  # surface loader errors in the training loop
                 self.q.put(e)
 

@@ -15,6 +15,9 @@ The loop itself (``run``): one run per fold at a time (``RunLock``), ``checkpoin
 epoch, ``checkpoint_best.pth`` on a new best moving average of the validation pseudo-Dice, ``checkpoint_final.pth``
 at the end, and a stop once that moving average has not improved for ``patience`` epochs. Batches depend only on
 the seed and the epoch, so a resumed run continues exactly where a killed one stopped.
+
+Under torchrun (``self.dist``, see ``distributed.py``) every process runs the loop; process 0 alone holds the run
+lock and writes checkpoints, logs and plots, and the others wait for the final checkpoint before they go on.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import numpy as np
 import torch
 
 from samunet.models.run_checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from samunet.training.distributed import Distributed, torch_run_parts
 from samunet.training.progress import plot_progress
 from samunet.training.run_lock import RunLock
 from samunet.utils import SamunetError
@@ -40,6 +44,7 @@ class EpochLoop:
     iterations: int
     patience: int
     initial_lr: float
+    dist: Distributed = Distributed()  # one process unless a trainer joins torchrun's group
 
     # ----------------------------------------------------------------- shared steps
     def set_poly_lr(self) -> float:
@@ -73,7 +78,8 @@ class EpochLoop:
 
     # ----------------------------------------------------------------- checkpoints
     def save(self, name: str) -> None:
-        save_checkpoint(self._state(), self.output / name)
+        if self.dist.is_main:
+            save_checkpoint(self._state(), self.output / name)
 
     def load(self, path: Path) -> None:
         state = load_checkpoint(path)
@@ -85,8 +91,24 @@ class EpochLoop:
 
     # ----------------------------------------------------------------- main loop
     def run(self, continue_training: bool = False) -> dict:
-        with RunLock(self.output):  # a second run of this fold is refused, naming the running one
+        if not self.dist.active:
+            if torch_run_parts()[1] > 1:  # started by torchrun, but this trainer does not join the process group
+                raise SamunetError(f"{type(self).__name__} trains in one process; start it without torchrun")
+            with RunLock(self.output):  # a second run of this fold is refused, naming the running one
+                return self._run(continue_training)
+        lock, refused = RunLock(self.output), None
+        if self.dist.is_main:  # one lock per run, held by process 0; the others learn whether it was granted
+            try:
+                lock.acquire()
+            except SamunetError as e:
+                refused = str(e)
+        refused = self.dist.broadcast_object(refused)
+        if refused:
+            raise SamunetError(refused)
+        try:
             return self._run(continue_training)
+        finally:
+            lock.release()
 
     def _run(self, continue_training: bool) -> dict:
         self.initialize()
@@ -104,7 +126,8 @@ class EpochLoop:
         elif final.is_file() or latest.is_file():
             raise SamunetError(f"{self.output} already holds a training run; pass --c to continue it, or delete "
                                "the folder to start over")
-        self._write_run_files()
+        if self.dist.is_main:
+            self._write_run_files()
         self.text(self._describe() + f" ({self._stopping_rule()}), device {self.device}")
         while self.epoch < self.num_epochs and not self._plateaued():
             t0 = time.time()
@@ -123,7 +146,8 @@ class EpochLoop:
             self.save("checkpoint_latest.pth")
             if improved:
                 self.save("checkpoint_best.pth")
-            plot_progress(self.log, self.output / "progress.png")
+            if self.dist.is_main:
+                plot_progress(self.log, self.output / "progress.png")
             self.text(f"epoch {self.epoch - 1}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, {self.score_name} "
                       f"{[round(d, 4) for d in dice]}, moving average {ema:.4f}"
                       f"{' (new best)' if improved else ''}, {self.log['epoch_time'][-1]:.1f} s")
@@ -134,8 +158,9 @@ class EpochLoop:
                       f"epochs (best {self.best_ema:.4f} after epoch {best}); stopped after {self.epoch} of at most "
                       f"{self.num_epochs} epochs ({self.epoch * self.iterations} iterations)")
         self.save("checkpoint_final.pth")
-        if latest.is_file():
+        if self.dist.is_main and latest.is_file():
             latest.unlink()
+        self.dist.barrier()  # every process may read checkpoint_final from here on
         return self.log
 
     def _stopping_rule(self) -> str:

@@ -81,7 +81,7 @@ class Pretrainer(Trainer):
 
     def initialize(self):
         from samunet.training.progress import TextLog
-        self.text = TextLog(self.output)
+        self.text = TextLog(self.output) if self.dist.is_main else (lambda message: None)
         ids = self._case_ids()
         self.train_ids, self.val_ids = get_split(self.pp_folder, ids, self.fold)
         torch.manual_seed(self.seed)
@@ -98,12 +98,13 @@ class Pretrainer(Trainer):
         self.val_data = OnTheFlyData(data_dir, self.val_ids, self.image_config, self.label_values, augment=False)
         rng = np.random.default_rng([self.seed, 10**6])
         self.val_rows = np.sort(rng.permutation(len(self.val_data))[:VAL_ROWS])
+        self._wrap_for_training()  # under torchrun: DistributedDataParallel (every process validates all rows)
 
     def _loss(self, batch: dict) -> torch.Tensor:
         images = self._embed(batch)  # (B, C, Q, Q) canvas images
         mask = random_patch_mask(len(images), images.shape[-1], MASK_GRID, MASK_RATIO, None).to(self.device)
         with self._autocast():
-            return masked_reconstruction_error(self.head, images, mask)[0]
+            return masked_reconstruction_error(self.train_head, images, mask)[0]
 
     @torch.no_grad()
     def validate_epoch(self) -> tuple[float, list[float]]:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from samunet.models.for_plans import build_encoder_for_plans, build_model, resolve_device
+from samunet.models.for_plans import build_encoder_for_plans, build_model
 from samunet.paths import preprocessed_folder, resolve_dataset_name, results_folder
 from samunet.planning.plans import get_configuration, load_plans
 from samunet.preprocessing.embedding_cache import EmbeddingCache
@@ -23,6 +23,8 @@ from samunet.models.run_checkpoint import check_compatible, load_checkpoint
 from samunet.training.augmented_views import AugmentedViews, views_for
 from samunet.training.cached_augmentation import WarpParams
 from samunet.training.data import BackgroundBatches, CachedData, OnTheFlyData
+from samunet.training.distributed import init_distributed, shard
+from samunet.training.scale_out import ScaleOut
 from samunet.models.specs import HEADS, HYBRID_HEADS, IMAGE_MODELS
 from samunet.training.loop import EpochLoop
 from samunet.training.losses import confusion_counts, dice_ce_loss
@@ -47,13 +49,13 @@ def model_folder(dataset_name: str, trainer: str, plans_name: str, config: str) 
     return results_folder() / dataset_name / f"{trainer}__{plans_name}__{config}"
 
 
-class Trainer(EpochLoop):
+class Trainer(EpochLoop, ScaleOut):
     def __init__(self, dataset, configuration: str, fold, head: str | None = None, epochs: int | None = None,
                  iterations_per_epoch: int | None = None, num_labeled_cases: int | None = None,
                  device: str = "auto", use_cache: bool | None = None, seed: int = 12345,
                  ram_budget_mb: float = 4000.0, batch_size: int | None = None, patience: int | None = None,
                  augmented_views: int | None = None, pretrained_weights: str | Path | None = None,
-                 plans_name: str = "samunetPlans"):
+                 plans_name: str = "samunetPlans", compile_model: bool = False):
         self.dataset_name = resolve_dataset_name(dataset)
         self.pp_folder = preprocessed_folder() / self.dataset_name
         self.plans = load_plans(self.dataset_name, plans_name)
@@ -71,7 +73,9 @@ class Trainer(EpochLoop):
         # early stopping: epochs without a new best moving-average pseudo-Dice before training stops (0: never)
         self.patience = int(patience if patience is not None else
                             self.config.get("early_stopping_patience", DEFAULT_PATIENCE))
-        self.device = resolve_device(device)
+        self.dist = init_distributed(device)  # under torchrun: this process's rank and device, else one process
+        self.device = self.dist.device
+        self.compile_model = compile_model
         cpu_cap = self.config.get("cpu_num_epochs", {}).get(self.head_name)
         if epochs is None and self.device.type == "cpu" and cpu_cap is not None:
             self.num_epochs = int(cpu_cap)  # the planner's CPU cap (cpu_num_epochs_reason in the plans)
@@ -89,7 +93,11 @@ class Trainer(EpochLoop):
         self.ram_budget_mb = ram_budget_mb
         self.label_values = self.plans["label_values"]
         self.num_classes = len(self.label_values)
-        self.batch_size = int(batch_size or self.config["batch_size"])
+        self.batch_size = int(batch_size or self.config["batch_size"])  # the global batch, over all processes
+        self.device_plan = None
+        if self.device.type == "cuda":
+            self._plan_for_device(batch_size, use_cache)
+        self.local_batch = self.dist.batch_share(self.batch_size)
         self.pretrained_weights = Path(pretrained_weights) if pretrained_weights else None
         if self.pretrained_weights is not None and self.head_name not in IMAGE_MODELS:
             raise SamunetError(f"--pretrained_weights fine-tunes the U-Net (--head {IMAGE_MODELS[0]}) from "
@@ -123,7 +131,7 @@ class Trainer(EpochLoop):
                 "preprocessing_identity": self.config["preprocessing_identity"]}
 
     def initialize(self):
-        self.text = TextLog(self.output)
+        self.text = TextLog(self.output) if self.dist.is_main else (lambda message: None)
         ids = self._case_ids()
         train, val = get_split(self.pp_folder, ids, self.fold)
         self.train_ids = labeled_subset(train, self.num_labeled_cases, self.fold, self.seed)
@@ -152,7 +160,10 @@ class Trainer(EpochLoop):
                                         self.label_values)
         data_dir = self.pp_folder / self.config["data_identifier"]
         if self.use_cache:
-            self.cache.build(sorted(set(self.train_ids) | set(self.val_ids)), self.encoder, self.ram_budget_mb)
+            # each process encodes its share of the cases, then all read the whole cache
+            self.cache.build(shard(sorted(set(self.train_ids) | set(self.val_ids)), self.dist.rank,
+                                   self.dist.world_size), self.encoder, self.ram_budget_mb)
+            self.dist.barrier()
             canvas = self.hybrid_architecture["canvas_size"] if self.hybrid else None
             warp = WarpParams() if self.hybrid else None
             n_views = self.augmented_views
@@ -160,7 +171,9 @@ class Trainer(EpochLoop):
                 n_views = views_for(sum(len(self.cache.load(i)[0]) for i in self.train_ids)) if self.hybrid else 0
             if n_views:
                 self.views = AugmentedViews(self.cache, canvas, n_views, self.seed)
-                self.views.build(self.train_ids, self.encoder, self.ram_budget_mb)
+                self.views.build(shard(self.train_ids, self.dist.rank, self.dist.world_size), self.encoder,
+                                 self.ram_budget_mb)
+                self.dist.barrier()
             self.train_data = CachedData(self.cache, self.train_ids, self.num_classes, canvas, warp, self.views)
             self.val_data = CachedData(self.cache, self.val_ids, self.num_classes, canvas)
         else:
@@ -170,6 +183,7 @@ class Trainer(EpochLoop):
         n_val = VAL_ROWS_CACHED if self.use_cache else VAL_ROWS_ON_THE_FLY
         rng = np.random.default_rng([self.seed, 10**6])
         self.val_rows = np.sort(rng.permutation(len(self.val_data))[:n_val])
+        self._wrap_for_training()
 
     def _build_unet(self, num_outputs: int | None = None) -> None:
         """The from-scratch U-Net: nnU-Net's topology for its canvas, nnU-Net's optimiser; with
@@ -247,26 +261,29 @@ class Trainer(EpochLoop):
     def _embed(self, batch: dict) -> torch.Tensor:
         """Embeddings for a head, the images on its canvas themselves for the U-Net."""
         if self.takes_images:
-            x = batch["images"].to(self.device)  # (B, n_enc, 3, Q, Q)
+            x = batch["images"].to(self.device, non_blocking=True)  # (B, n_enc, 3, Q, Q)
             return x.reshape(x.shape[0], -1, *x.shape[3:])
         if "emb" in batch:
             return batch["emb"].to(self.device, non_blocking=True)
-        x = batch["images"].to(self.device)
-        with torch.no_grad():
+        x = batch["images"].to(self.device, non_blocking=True)
+        with torch.no_grad(), self._autocast():  # on a GPU the encoder runs in bfloat16 on the fly
             e = self.encoder(x.reshape(-1, *x.shape[2:])).float()
         return e.reshape(x.shape[0], self.n_enc * e.shape[1], *e.shape[2:])
 
     def train_epoch(self) -> float:
         self.head.train()
         self.set_poly_lr()
-        torch.manual_seed(self.seed * 1000 + self.epoch)
+        torch.manual_seed(self.seed * 1000 + self.epoch + 7919 * self.dist.rank)
         losses = []
-        batches = BackgroundBatches(self.train_data, self.iterations, self.batch_size, self.seed, self.epoch)
-        for batch in tqdm(batches, total=self.iterations, desc=f"epoch {self.epoch}", leave=False):
+        batches = BackgroundBatches(self.train_data, self.iterations, self.local_batch, self.seed, self.epoch,
+                                    rank=self.dist.rank, pin=self.device.type == "cuda")
+        for batch in tqdm(batches, total=self.iterations, desc=f"epoch {self.epoch}", leave=False,
+                          disable=not self.dist.is_main):
             loss = self._loss(batch)
             self.step(loss)
             losses.append(loss.item())
-        return float(np.mean(losses))
+        total = self.dist.all_reduce_sum(torch.tensor([float(np.sum(losses)), len(losses)], dtype=torch.float64))
+        return float(total[0] / total[1])
 
     def _loss(self, batch: dict) -> torch.Tensor:
         """The training loss of one batch (Dice + cross-entropy against the labels)."""
@@ -275,30 +292,34 @@ class Trainer(EpochLoop):
             emb = F.dropout2d(emb, 0.1) + 0.05 * emb.std() * torch.randn_like(emb)
         target = batch["target"].to(self.device)
         with self._autocast():
-            return dice_ce_loss(self.head(emb, *rest), target)
+            return dice_ce_loss(self.train_head(emb, *rest), target)
 
     @torch.no_grad()
     def validate_epoch(self) -> tuple[float, list[float]]:
         self.head.eval()
         counts = torch.zeros((self.num_classes, 3), dtype=torch.float64)
         losses = []
-        for i in range(0, len(self.val_rows), self.batch_size):
-            batch = self.val_data.batch(self.val_rows[i:i + self.batch_size])
+        rows = self.val_rows[self.dist.rank::self.dist.world_size]  # each process validates its share
+        for i in range(0, len(rows), self.local_batch):
+            batch = self.val_data.batch(rows[i:i + self.local_batch])
             with self._autocast():
                 logits = self.head(*self._inputs(batch))
             target = batch["target"].to(self.device)
             losses.append(dice_ce_loss(logits, target).item())
             counts += confusion_counts(logits.float().cpu(), target.cpu())
+        counts = self.dist.all_reduce_sum(counts)
+        loss = self.dist.all_reduce_sum(torch.tensor([float(np.sum(losses)), len(losses)], dtype=torch.float64))
         tp, fp, fn = counts[1:, 0], counts[1:, 1], counts[1:, 2]
         dice = (2 * tp / (2 * tp + fp + fn).clamp_min(1)).tolist()
-        return float(np.mean(losses)) if losses else float("nan"), dice
+        return float(loss[0] / loss[1]) if loss[1] else float("nan"), dice
 
     # ----------------------------------------------------------------- run description
     def _describe(self) -> str:
         return (f"{self.dataset_name} {self.configuration} fold {self.fold}: head {self.head_name}, "
                 f"{len(self.train_ids)} training / {len(self.val_ids)} validation cases, "
                 f"{len(self.train_data)} training inputs ({self._input_kind()}), "
-                f"at most {self.num_epochs} epochs x {self.iterations} iterations x batch {self.batch_size}")
+                f"at most {self.num_epochs} epochs x {self.iterations} iterations x batch {self.batch_size}"
+                + self._scale_note())
 
     def _input_kind(self) -> str:
         if self.takes_images:
@@ -317,7 +338,8 @@ class Trainer(EpochLoop):
                    "fold": str(self.fold), "num_epochs": self.num_epochs, "iterations_per_epoch": self.iterations,
                    "batch_size": self.batch_size, "num_labeled_cases": self.num_labeled_cases,
                    "train_cases": self.train_ids, "val_cases": self.val_ids, "use_cache": bool(self.use_cache),
-                   "device": str(self.device), "seed": self.seed, "initial_lr": self.initial_lr,
+                   "device": str(self.device), "seed": self.seed, "processes": self.dist.world_size,
+                   "device_plan": self.device_plan, "compiled": self.compile_model, "initial_lr": self.initial_lr,
                    "early_stopping_patience": self.patience,
                    "augmented_views": self.views.views if self.views is not None else 0,
                    "pretrained_weights": str(self.pretrained_weights) if self.pretrained_weights else None},
@@ -343,7 +365,8 @@ class Trainer(EpochLoop):
         val_dir = self.output / "validation"
         val_dir.mkdir(parents=True, exist_ok=True)
         ending = self.plans["file_ending"]
-        for ident in tqdm(self.val_ids, desc="final validation"):
+        for ident in tqdm(shard(self.val_ids, self.dist.rank, self.dist.world_size), desc="final validation",
+                          disable=not self.dist.is_main):
             data = np.load(data_dir / f"{ident}.npy", mmap_mode="r")
             props = load_json(data_dir / f"{ident}.json")
             emb = self.cache.load(ident)[0] if self.cache is not None and self.use_cache and self.cache.is_done(ident) \
@@ -355,6 +378,9 @@ class Trainer(EpochLoop):
             write_seg(seg, props["original"], val_dir / f"{ident}{ending}")
             if save_probabilities:
                 np.savez_compressed(val_dir / f"{ident}.npz", probabilities=probs.astype(np.float16))
+        self.dist.barrier()  # every process has written its share of the validation cases
+        if not self.dist.is_main:
+            return self.dist.broadcast_object(None)
         summary = evaluate_folder(self.pp_folder / "gt_segmentations", val_dir,
                                   labels=[v for v in self.label_values if v != 0], file_ending=ending,
                                   output_file=val_dir / "summary.json", cases=self.val_ids)
@@ -362,19 +388,19 @@ class Trainer(EpochLoop):
                   f"{', mirroring test-time augmentation' if tta else ''}): mean foreground Dice "
                   f"{summary['foreground_mean']['Dice']:.4f}, per class "
                   + ", ".join(f"{k}: {v['Dice']:.4f}" for k, v in summary["mean"].items()))
-        return summary
+        return self.dist.broadcast_object(summary)
 
 
 def run_training(dataset, configuration: str, fold, head=None, epochs=None, iterations_per_epoch=None,
                  num_labeled_cases=None, continue_training=False, validation_only=False, device="auto",
                  save_probabilities=False, use_cache=None, checkpoint="checkpoint_final.pth",
                  batch_size=None, patience=None, augmented_views=None, pretrained_weights=None,
-                 plans_name="samunetPlans") -> Trainer:
+                 plans_name="samunetPlans", compile_model=False) -> Trainer:
     """Train one fold (or, with ``validation_only``, only rerun its final validation)."""
     t = Trainer(dataset, configuration, fold, head=head, epochs=epochs, iterations_per_epoch=iterations_per_epoch,
                 num_labeled_cases=num_labeled_cases, device=device, use_cache=use_cache, batch_size=batch_size,
                 patience=patience, augmented_views=augmented_views, pretrained_weights=pretrained_weights,
-                plans_name=plans_name)
+                plans_name=plans_name, compile_model=compile_model)
     if not validation_only:
         t.run(continue_training)
     t.final_validation(checkpoint, save_probabilities)
