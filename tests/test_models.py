@@ -214,6 +214,40 @@ def test_autosam_head_starts_from_pretrained_decoder(lite):
         decoder.transformer.layers[0].self_attn.q_proj.weight.data_ptr()
 
 
+@pytest.mark.parametrize("num_classes", [3, 20])  # 20 classes x 8 heads exceed the width: the unfolded path
+def test_autosam_folded_decoder_matches_segment_anything(lite, hippo_embedding, hippo_slice, num_classes):
+    """The AutoSAM head's reordered products (models/token_attention.py) give segment-anything's logits and
+    gradients on a real embedding; only the key biases differ, whose true gradient is zero (softmax shift)."""
+    torch.manual_seed(0)
+    head = build_head("autosam", lite, num_classes=num_classes)
+    emb = torch.cat([hippo_embedding, hippo_embedding.flip(-1)])
+    target = to_label(hippo_slice[1], 256)[None].repeat(2, 1, 1)
+
+    def reference(x):
+        b, d, h, w = x.shape
+        hs, keys = head.transformer(x + head.dense_bias.view(1, d, 1, 1), head.image_pe.expand(b, -1, -1, -1),
+                                    head.class_tokens.unsqueeze(0).expand(b, -1, -1))
+        up = head.output_upscaling(keys.transpose(1, 2).reshape(b, d, h, w))
+        hyper = torch.stack([mlp(hs[:, i]) for i, mlp in enumerate(head.hypernetworks)], dim=1)
+        return (hyper @ up.flatten(2)).view(b, num_classes, up.shape[2], up.shape[3])
+
+    results = []
+    for forward in (head, lambda x: head.to_input_size(reference(x))):
+        head.zero_grad()
+        logits = forward(emb)
+        F.cross_entropy(logits, target).backward()
+        results.append((logits.detach(), {n: p.grad.clone() for n, p in head.named_parameters()}))
+    (fast, g_fast), (ref, g_ref) = results
+    assert fast.shape == ref.shape == (2, num_classes, 256, 256)
+    assert (fast - ref).abs().max() <= 1e-5 * ref.abs().max()
+    for name, g in g_ref.items():
+        if name.endswith("k_proj.bias"):
+            weight = g_ref[name.replace("bias", "weight")].norm()
+            assert g.norm() < 1e-3 * weight and g_fast[name].norm() < 1e-3 * weight, name
+        else:
+            assert (g_fast[name] - g).norm() <= 1e-3 * g.norm() + 1e-9, name
+
+
 def test_training_changes_heads_never_the_encoder(hippo_slice):
     encoder = build_encoder("lite_medsam", input_size=128, optimise=True)
     before = copy.deepcopy(encoder.state_dict())

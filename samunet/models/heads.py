@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from samunet.models.specs import ENCODER_HEADS
+from samunet.models.token_attention import two_way_attention, upscale_and_project
 
 HEAD_NAMES = ENCODER_HEADS  # the heads on the frozen encoder that build_head constructs
 
@@ -156,12 +157,9 @@ class AutoSAMHead(_Head):
         src = x + self.dense_bias.view(1, d, 1, 1)
         tokens = self.class_tokens.unsqueeze(0).expand(b, -1, -1)
         pos = self.image_pe.expand(b, -1, -1, -1)
-        hs, src = self.transformer(src, pos, tokens)
-        src = src.transpose(1, 2).reshape(b, d, h, w)
-        upscaled = self.output_upscaling(src)                              # (B, D/8, 4g, 4g)
+        hs, keys = two_way_attention(self.transformer, src, pos, tokens)      # (B, C, D), (B, g*g, D)
         hyper = torch.stack([mlp(hs[:, i]) for i, mlp in enumerate(self.hypernetworks)], dim=1)  # (B, C, D/8)
-        bu, cu, hu, wu = upscaled.shape
-        return (hyper @ upscaled.view(bu, cu, hu * wu)).view(bu, self.num_classes, hu, wu)
+        return upscale_and_project(self.output_upscaling, keys, h, w, hyper)  # (B, C, 4g, 4g)
 
 
 _HEADS = {"autosam": AutoSAMHead, "cnn": CNNHead, "linear": LinearHead}
