@@ -71,6 +71,8 @@ class nnUNetTrainer_samunetBench(nnUNetTrainer):
         self.num_val_iterations_per_epoch = int(os.environ.get("SAMUNET_BENCH_VAL_ITERATIONS",
                                                                self.num_val_iterations_per_epoch))
         self.save_every = int(os.environ.get("SAMUNET_BENCH_SAVE_EVERY", 5))
+        if os.environ.get("SAMUNET_BENCH_THREADS"):  # nnU-Net's CPU entry point takes every core; a study may pin it
+            torch.set_num_threads(int(os.environ["SAMUNET_BENCH_THREADS"]))
         batch = os.environ.get("SAMUNET_BENCH_BATCH_SIZE")
         if batch:
             self.configuration_manager.configuration["batch_size"] = int(batch)
@@ -301,6 +303,8 @@ class NnUNet:
                     "SAMUNET_BENCH_VAL_ITERATIONS": str(budget["val_iterations"])}
         if budget["batch_size"]:
             self.env["SAMUNET_BENCH_BATCH_SIZE"] = str(budget["batch_size"])
+        if a.nnunet_threads:
+            self.env["SAMUNET_BENCH_THREADS"] = str(a.nnunet_threads)
         self.env.pop("PYTHONPATH", None)  # nnU-Net runs in its own environment, never with samunet on the path
         self.a = a
         self.work = work
@@ -561,6 +565,8 @@ def main(argv=None):
     p.add_argument("--nnunet_bin", default=None, help="bin folder of nnU-Net's environment")
     p.add_argument("--nnunet_da_processes", type=int, default=0,
                    help="nnU-Net augmentation worker processes (default 0: in the training process)")
+    p.add_argument("--nnunet_threads", type=int, default=None,
+                   help="nnU-Net: torch threads (default: its own choice, every core)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--crosscheck_predict", action="store_true",
                    help="re-predict the first head's largest setting with samunet_predict (no mirroring) and "
