@@ -184,7 +184,7 @@ class _TinyViTBlock(nn.Module):
         if pad is not None:
             # the reference pads the block input with zeros; LayerNorm maps a zero token to its bias, so every
             # padded token has the same qkv vector: the folded qkv bias
-            windows.index_copy_(0, pad, self.qkv_bias.expand(pad.numel(), dq))
+            windows.index_copy_(0, pad, self.qkv_bias.to(windows.dtype).expand(pad.numel(), dq))
         windows = windows.view(n_windows, ws * ws, self.heads, -1)
         q, k, v = windows.split([self.key_dim, self.key_dim, self.d], dim=3)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
