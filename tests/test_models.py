@@ -248,6 +248,26 @@ def test_autosam_folded_decoder_matches_segment_anything(lite, hippo_embedding, 
             assert (g_fast[name] - g).norm() <= 1e-3 * g.norm() + 1e-9, name
 
 
+@pytest.mark.parametrize("multimask", [False, True])
+def test_batched_prompted_decoding_matches_segment_anything(lite, hippo_embedding, multimask):
+    """decode_masks (all image-prompt pairs in one pass, folded attention) gives segment-anything's MaskDecoder
+    outputs, image by image, for a box plus a point on two real embeddings."""
+    from samunet.models.token_attention import decode_masks
+    emb = torch.cat([hippo_embedding, hippo_embedding.flip(-1)])
+    boxes = torch.tensor([[60.0, 70.0, 150.0, 140.0], [100.0, 60.0, 200.0, 170.0]])
+    points = (torch.tensor([[[100.0, 100.0]], [[150.0, 110.0]]]), torch.tensor([[1], [0]]))
+    pe = lite.prompt_encoder.get_dense_pe()
+    with torch.no_grad():
+        sparse, dense = lite.prompt_encoder(points=points, boxes=boxes, masks=None)
+        masks, iou = decode_masks(lite.mask_decoder, emb, pe, sparse, dense, multimask)
+        ref = [lite.mask_decoder(image_embeddings=emb[i:i + 1], image_pe=pe, sparse_prompt_embeddings=sparse[i:i + 1],
+                                 dense_prompt_embeddings=dense[i:i + 1], multimask_output=multimask) for i in range(2)]
+    ref_masks, ref_iou = torch.cat([r[0] for r in ref]), torch.cat([r[1] for r in ref])
+    assert masks.shape == ref_masks.shape == (2, 3 if multimask else 1, 256, 256)
+    assert (masks - ref_masks).abs().max() <= 1e-5 * ref_masks.abs().max()
+    assert torch.allclose(iou, ref_iou, atol=1e-5)
+
+
 def test_training_changes_heads_never_the_encoder(hippo_slice):
     encoder = build_encoder("lite_medsam", input_size=128, optimise=True)
     before = copy.deepcopy(encoder.state_dict())

@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from samunet.models.token_attention import decode_masks
+
 
 @dataclass
 class PromptedOutput:
@@ -96,22 +98,11 @@ class PromptedSegmenter(nn.Module):
         point_coords, point_labels, boxes, mask_input = self._prompt_tensors(
             b, "B", embeddings.device, point_coords, point_labels, boxes, mask_input)
         image_pe = self.prompt_encoder.get_dense_pe()
-        low_res, ious = [], []
-        # one image at a time: segment_anything's decoder pairs one image with all prompts of that image
-        for i in range(b):
-            points = None if point_coords is None else (point_coords[i:i + 1], point_labels[i:i + 1])
-            sparse, dense = self.prompt_encoder(
-                points=points,
-                boxes=None if boxes is None else boxes[i:i + 1],
-                masks=None if mask_input is None else mask_input[i:i + 1])
-            masks, iou = self.mask_decoder(image_embeddings=embeddings[i:i + 1], image_pe=image_pe,
-                                           sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                           multimask_output=multimask_output)
-            low_res.append(masks)
-            ious.append(iou)
-        low = torch.cat(low_res)
+        points = None if point_coords is None else (point_coords, point_labels)
+        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        low, iou = decode_masks(self.mask_decoder, embeddings, image_pe, sparse, dense, multimask_output)
         full = F.interpolate(low, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
-        return PromptedOutput(masks=full, iou=torch.cat(ious), low_res=low)
+        return PromptedOutput(masks=full, iou=iou, low_res=low)
 
     @torch.no_grad()
     def predict_prompts(self, embedding: torch.Tensor, point_coords: torch.Tensor | None = None,
@@ -143,9 +134,8 @@ class PromptedSegmenter(nn.Module):
             m, "N", embedding.device, point_coords, point_labels, boxes, mask_input)
         points = None if point_coords is None else (point_coords, point_labels)
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-        low, iou = self.mask_decoder(image_embeddings=embedding, image_pe=self.prompt_encoder.get_dense_pe(),
-                                     sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                     multimask_output=multimask_output)
+        low, iou = decode_masks(self.mask_decoder, embedding, self.prompt_encoder.get_dense_pe(), sparse, dense,
+                                multimask_output)
         full = F.interpolate(low, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
         return PromptedOutput(masks=full, iou=iou, low_res=low)
 
@@ -153,18 +143,15 @@ class PromptedSegmenter(nn.Module):
                     point_labels: torch.Tensor | None = None, boxes: torch.Tensor | None = None,
                     mask_input: torch.Tensor | None = None, multimask_output: bool = False) -> PromptedOutput:
         """N prompts on N images, with gradients: ``embeddings`` (N, C, g, g), prompt i on image i, in the shapes
-        of ``predict_prompts``. Decoded one at a time (segment_anything's decoder pairs one image with all prompts
-        of that image)."""
+        of ``predict_prompts``. All pairs are decoded in one pass (``decode_masks``; segment_anything's decoder
+        would pair one image with all prompts of that image)."""
         n = embeddings.shape[0]
         point_coords, point_labels, boxes, mask_input = self._prompt_tensors(
             n, "N", embeddings.device, point_coords, point_labels, boxes, mask_input)
         image_pe = self.prompt_encoder.get_dense_pe()
         points = None if point_coords is None else (point_coords, point_labels)
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-        outs = [self.mask_decoder(image_embeddings=embeddings[i:i + 1], image_pe=image_pe,
-                                  sparse_prompt_embeddings=sparse[i:i + 1], dense_prompt_embeddings=dense[i:i + 1],
-                                  multimask_output=multimask_output) for i in range(n)]
-        low = torch.cat([o[0] for o in outs])
+        low, iou = decode_masks(self.mask_decoder, embeddings, image_pe, sparse, dense, multimask_output)
         full = low if low.shape[-1] == self.input_size else \
             F.interpolate(low, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
-        return PromptedOutput(masks=full, iou=torch.cat([o[1] for o in outs]), low_res=low)
+        return PromptedOutput(masks=full, iou=iou, low_res=low)

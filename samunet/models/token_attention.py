@@ -151,3 +151,24 @@ def upscale_and_project(upscaling: nn.Module, keys: torch.Tensor, h: int, w: int
     logits = torch.bmm(y.view(b, -1, cout), hyper.transpose(1, 2))            # (B, 2h*2w*4, C)
     logits = logits.view(b, 2 * h, 2 * w, 2, 2, c).permute(0, 5, 1, 3, 2, 4)  # (B, C, 2h, dy, 2w, dx)
     return logits.reshape(b, c, 4 * h, 4 * w)
+
+
+def decode_masks(decoder: nn.Module, image_embeddings: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor,
+                 dense: torch.Tensor, multimask_output: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """segment-anything's ``MaskDecoder`` with one prompt set per image, all images in one pass.
+
+    image_embeddings (N, D, g, g) or (1, D, g, g) shared by all prompt sets; image_pe (1, D, g, g); sparse (N, T, D);
+    dense (N, D, g, g). Returns masks (N, M, 4g, 4g) and their predicted IoU (N, M): M = 1 (the first mask token)
+    or, with ``multimask_output``, the other mask tokens, as ``MaskDecoder.forward`` selects them.
+    """
+    n = sparse.shape[0]
+    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight])
+    tokens = torch.cat([output_tokens.unsqueeze(0).expand(n, -1, -1), sparse], dim=1)
+    src = image_embeddings.expand(n, -1, -1, -1) + dense
+    _, _, h, w = src.shape
+    hs, keys = two_way_attention(decoder.transformer, src, image_pe.expand(n, -1, -1, -1), tokens)
+    hyper = torch.stack([mlp(hs[:, 1 + i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1)
+    masks = upscale_and_project(decoder.output_upscaling, keys, h, w, hyper)
+    iou = decoder.iou_prediction_head(hs[:, 0])
+    chosen = slice(1, None) if multimask_output else slice(0, 1)
+    return masks[:, chosen], iou[:, chosen]
