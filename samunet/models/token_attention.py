@@ -4,6 +4,8 @@
         # image_embedding, image_pe: (B, D, h, w); tokens: (B, T, D)  ->  (B, T, D), (B, h*w, D)
     logits = upscale_and_project(output_upscaling, keys, h, w, hyper)
         # keys: (B, h*w, D); hyper: (B, C, D') ->  (B, C, 4h, 4w)
+    masks, iou = decode_masks(mask_decoder, image_embeddings, image_pe, sparse, dense, multimask_output)
+        # a MaskDecoder with one prompt set per image, every image in one pass: (N, M, 4g, 4g), (N, M)
 
 Same functions, same parameters and the same state dict as segment-anything's ``TwoWayTransformer`` and the mask
 decoder's ``output_upscaling`` followed by the hypernetwork product; only the order of the products changes.
