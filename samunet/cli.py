@@ -181,6 +181,9 @@ def train_entry(argv=None):
     p.add_argument("--patience", type=int, default=None,
                    help="stop once the moving average of the validation pseudo-Dice has not improved for this many "
                         "epochs; 0 trains every epoch (default: set by the plans); --epochs stays the cap")
+    p.add_argument("--cooldown", type=int, default=None,
+                   help="after the plateau, train this many more epochs while the learning rate falls to 0, as "
+                        "nnU-Net's schedule ends (default: set by the plans; 0: stop at the plateau)")
     p.add_argument("--augmented_views", type=int, default=None,
                    help="augmented views of each labelled slice to encode once and train on (rotation, scaling, "
                         "mirroring, intensity; exact embeddings); default: as many as 4000 encoder calls allow "
@@ -212,7 +215,7 @@ def train_entry(argv=None):
                  use_cache=False if a.no_cache else None, compile_model=a.compile,
                  checkpoint="checkpoint_best.pth" if a.val_best else "checkpoint_final.pth", batch_size=a.batch_size,
                  patience=a.patience, augmented_views=a.augmented_views, pretrained_weights=a.pretrained_weights,
-                 plans_name=a.p)
+                 plans_name=a.p, cooldown=a.cooldown)
 
 
 @_entry

@@ -380,15 +380,18 @@ def test_early_stopping_stops_at_the_plateau_and_resumes_after_a_kill(trained, h
     from samunet.models.run_checkpoint import load_checkpoint
     base = hippo_env / "samunet_results" / NAME
     # a linear head with one step of 2 slices per epoch stays at background for a while: its moving-average
-    # pseudo-Dice does not improve, so patience 3 stops it long before the 40-epoch cap
+    # pseudo-Dice does not improve, so patience 3 stops it long before the 40-epoch cap, after a 2-epoch cool-down
     args = ["--head", "linear", "--num_labeled_cases", "2", "--epochs", "40", "--iterations_per_epoch", "1",
-            "--batch_size", "2", "--patience", "3"]
+            "--batch_size", "2", "--patience", "3", "--cooldown", "2"]
     r = _train_cli(*args)
     assert r.returncode == 0, r.stderr
     out = base / "samunetTrainer_linear_n2__samunetPlans__2d" / "fold_0"
     ref = load_checkpoint(out / "checkpoint_final.pth")
     stopped = ref["log"]["stopped_early_after_epoch"]
     assert 4 <= stopped < 40 and ref["epoch"] == stopped and "early stopping" in r.stderr
+    cool, lr = ref["log"]["cooldown"], ref["log"]["lr"]
+    assert cool["epochs"] == 2 and cool["from_epoch"] + 2 == stopped and "cooling down" in r.stderr
+    assert cool["start_lr"] == lr[cool["from_epoch"] - 1] == lr[cool["from_epoch"]] > lr[-1] > 0  # falls towards 0
     reference = out.parent.parent / "reference"
     shutil.move(str(out.parent), reference)
     proc = subprocess.Popen(TRAIN + ["4", "2d", "0", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -404,6 +407,7 @@ def test_early_stopping_stops_at_the_plateau_and_resumes_after_a_kill(trained, h
     assert r.returncode == 0, r.stderr
     state = load_checkpoint(out / "checkpoint_final.pth")
     assert state["epoch"] == stopped and state["log"]["stopped_early_after_epoch"] == stopped
+    assert state["log"]["lr"] == lr and state["log"]["cooldown"] == cool
     assert state["log"]["pseudo_dice"] == ref["log"]["pseudo_dice"]  # the same batches, the same plateau
 
 

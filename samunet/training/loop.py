@@ -44,12 +44,19 @@ class EpochLoop:
     iterations: int
     patience: int
     initial_lr: float
+    cooldown_epochs: int = 0  # after the plateau, epochs over which the learning rate falls to 0 (nnU-Net anneals)
     dist: Distributed = Distributed()  # one process unless a trainer joins torchrun's group
 
     # ----------------------------------------------------------------- shared steps
     def set_poly_lr(self) -> float:
-        """nnU-Net's polynomial decay for this epoch, applied to every parameter group."""
-        lr = self.initial_lr * (1 - self.epoch / self.num_epochs) ** 0.9
+        """nnU-Net's polynomial decay for this epoch, applied to every parameter group; after the plateau, the same
+        decay from that epoch's rate to 0 over the cool-down epochs."""
+        cool = self.log.get("cooldown")
+        if cool:
+            done = (self.epoch - cool["from_epoch"]) / cool["epochs"]
+            lr = cool["start_lr"] * max(0.0, 1 - done) ** 0.9
+        else:
+            lr = self.initial_lr * (1 - self.epoch / self.num_epochs) ** 0.9
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.log["lr"].append(lr)
@@ -129,7 +136,7 @@ class EpochLoop:
         if self.dist.is_main:
             self._write_run_files()
         self.text(self._describe() + f" ({self._stopping_rule()}), device {self.device}")
-        while self.epoch < self.num_epochs and not self._plateaued():
+        while self.epoch < self.num_epochs and not self._stop():
             t0 = time.time()
             train_loss = self.train_epoch()
             val_loss, dice = self.validate_epoch()
@@ -151,12 +158,14 @@ class EpochLoop:
             self.text(f"epoch {self.epoch - 1}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, {self.score_name} "
                       f"{[round(d, 4) for d in dice]}, moving average {ema:.4f}"
                       f"{' (new best)' if improved else ''}, {self.log['epoch_time'][-1]:.1f} s")
-        if self._plateaued():
+        if "cooldown" in self.log or self._plateaued():
             best = int(np.argmax(self.log["ema_dice"]))
             self.log["stopped_early_after_epoch"] = self.epoch
-            self.text(f"early stopping: the moving average of the pseudo-Dice has not improved for {self.patience} "
+            cool = self.log.get("cooldown")
+            self.text(f"early stopping: the moving average of the pseudo-Dice had not improved for {self.patience} "
                       f"epochs (best {self.best_ema:.4f} after epoch {best}); stopped after {self.epoch} of at most "
-                      f"{self.num_epochs} epochs ({self.epoch * self.iterations} iterations)")
+                      f"{self.num_epochs} epochs ({self.epoch * self.iterations} iterations"
+                      + (f", the last {self.epoch - cool['from_epoch']} of them cooling down)" if cool else ")"))
         self.save("checkpoint_final.pth")
         if self.dist.is_main and latest.is_file():
             latest.unlink()
@@ -167,6 +176,21 @@ class EpochLoop:
         if self.patience <= 0:
             return "no early stopping"
         return f"early stopping after {self.patience} epochs without a new best moving-average pseudo-Dice"
+
+    def _stop(self) -> bool:
+        """True when training is over: the cool-down after the plateau has run (or there is none to run)."""
+        cool = self.log.get("cooldown")
+        if cool:
+            return self.epoch >= cool["from_epoch"] + cool["epochs"]
+        if not self._plateaued():
+            return False
+        epochs = min(int(self.cooldown_epochs), self.num_epochs - self.epoch)
+        if epochs <= 0 or not self.log["lr"]:
+            return True
+        self.log["cooldown"] = {"from_epoch": self.epoch, "epochs": epochs, "start_lr": float(self.log["lr"][-1])}
+        self.text(f"plateau: the moving average of the pseudo-Dice has not improved for {self.patience} epochs; "
+                  f"cooling down: the learning rate falls from {self.log['lr'][-1]:.2e} to 0 over {epochs} epochs")
+        return False
 
     def _plateaued(self) -> bool:
         """True once the moving average of the validation pseudo-Dice has not improved for ``patience`` epochs."""

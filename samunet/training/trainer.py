@@ -55,7 +55,7 @@ class Trainer(EpochLoop, ScaleOut):
                  device: str = "auto", use_cache: bool | None = None, seed: int = 12345,
                  ram_budget_mb: float = 4000.0, batch_size: int | None = None, patience: int | None = None,
                  augmented_views: int | None = None, pretrained_weights: str | Path | None = None,
-                 plans_name: str = "samunetPlans", compile_model: bool = False):
+                 plans_name: str = "samunetPlans", compile_model: bool = False, cooldown: int | None = None):
         self.dataset_name = resolve_dataset_name(dataset)
         self.pp_folder = preprocessed_folder() / self.dataset_name
         self.plans = load_plans(self.dataset_name, plans_name)
@@ -73,6 +73,7 @@ class Trainer(EpochLoop, ScaleOut):
         # early stopping: epochs without a new best moving-average pseudo-Dice before training stops (0: never)
         self.patience = int(patience if patience is not None else
                             self.config.get("early_stopping_patience", DEFAULT_PATIENCE))
+        self.cooldown_epochs = int(cooldown if cooldown is not None else self.config.get("cooldown_epochs", 0))
         self.dist = init_distributed(device)  # under torchrun: this process's rank and device, else one process
         self.device = self.dist.device
         self.compile_model = compile_model
@@ -395,12 +396,12 @@ def run_training(dataset, configuration: str, fold, head=None, epochs=None, iter
                  num_labeled_cases=None, continue_training=False, validation_only=False, device="auto",
                  save_probabilities=False, use_cache=None, checkpoint="checkpoint_final.pth",
                  batch_size=None, patience=None, augmented_views=None, pretrained_weights=None,
-                 plans_name="samunetPlans", compile_model=False) -> Trainer:
+                 plans_name="samunetPlans", compile_model=False, cooldown=None) -> Trainer:
     """Train one fold (or, with ``validation_only``, only rerun its final validation)."""
     t = Trainer(dataset, configuration, fold, head=head, epochs=epochs, iterations_per_epoch=iterations_per_epoch,
                 num_labeled_cases=num_labeled_cases, device=device, use_cache=use_cache, batch_size=batch_size,
                 patience=patience, augmented_views=augmented_views, pretrained_weights=pretrained_weights,
-                plans_name=plans_name, compile_model=compile_model)
+                plans_name=plans_name, compile_model=compile_model, cooldown=cooldown)
     if not validation_only:
         t.run(continue_training)
     t.final_validation(checkpoint, save_probabilities)
