@@ -357,6 +357,17 @@ class NnUNet:
         save_json(splits, path)
         return idx
 
+    def longest_finished(self, idx: int, val: list[str], ending: str) -> int | None:
+        """Epochs of the longest finished, validated nnU-Net run of this split under another epoch budget."""
+        epochs = []
+        for folder in self.results.parent.glob(f"nnunet_results_e*_i{self.budget['iterations']}_b"
+                                               f"{self.budget['batch_size'] or 'plan'}"):
+            out = folder / self.a.dataset_name / f"{NNUNET_TRAINER}__nnUNetPlans__2d" / f"fold_{idx}"
+            e = int(folder.name.split("_")[2][1:])
+            if (out / "checkpoint_final.pth").is_file() and predictions_complete(out / "validation", val, ending):
+                epochs.append(e)
+        return max(epochs) if epochs else None
+
     def cell(self, n: str, idx: int, train: list[str], val: list[str], ending: str, raw: Path) -> dict:
         out = self.results / self.a.dataset_name / f"{NNUNET_TRAINER}__nnUNetPlans__2d" / f"fold_{idx}"
         cell_file = self.work / "cells" / f"nnunet_n{n}.json"
@@ -432,6 +443,8 @@ def markdown(report: dict) -> str:
             per = " / ".join(f"{c['dice_per_class'][k]:.3f}" for k in sorted(c["dice_per_class"], key=int))
             its = f", {c['iterations_done']} it" if report.get("plateau") and c.get("iterations_done") else ""
             rising = " (still rising)" if c.get("still_rising") else ""
+            if c.get("fewer_iterations_than_longest_samunet_cell"):
+                rising += f" (fewer than the column's longest samunet cell, {c['fewer_iterations_than_longest_samunet_cell']} it)"
             pre = f" + {fmt_time(c['pretraining_time_s'])} pre-training" if "pretraining_time_s" in c else ""
             row.append(f"**{c['mean_foreground_dice']:.3f}** ({per}), {fmt_time(c['training_time_s'])}{pre}{its}"
                        f"{rising}")
@@ -674,6 +687,12 @@ def main(argv=None):
                     column_nn = NnUNet(a, work, {**nn_b, "epochs": -(-longest // nn_b["iterations"])})
                 idx = column_nn.split_index(splits, a.fold, subsets[s], val)  # 'all' finds fold K itself
                 cell = column_nn.cell(s, idx, subsets[s], val, ending, a.raw)
+                if cell is None and a.plateau and a.report_only:  # a longer samunet cell finished after nnU-Net's
+                    shorter = column_nn.longest_finished(idx, val, ending)
+                    if shorter is not None:
+                        cell = NnUNet(a, work, {**nn_b, "epochs": shorter}).cell(s, idx, subsets[s], val, ending,
+                                                                                 a.raw)
+                        cell["fewer_iterations_than_longest_samunet_cell"] = longest
             else:
                 pretrained = None
                 if split_method(m)[0] == SSL:
