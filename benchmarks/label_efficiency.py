@@ -175,9 +175,18 @@ def _evaluate(raw: Path, pred: Path, out: Path) -> None:
                                               "-o", str(out), "--chill"])
 
 
+def run_logs(folder: Path) -> list[Path]:
+    """nnU-Net's text logs of the run that produced the final model: the last one that started at epoch 0 and the
+    continuations (``--c``) after it; the logs of an abandoned earlier start in the same folder are left out."""
+    logs = sorted(folder.glob("training_log_*.txt"), key=lambda f: f.stat().st_mtime)
+    starts = [i for i, f in enumerate(logs) if (m := re.search(r"Epoch (\d+)", f.read_text(errors="replace")))
+              and m.group(1) == "0"]
+    return logs[starts[-1]:] if starts else logs
+
+
 def time_from_text_log(folder: Path, pattern: str) -> float | None:
     total, found = 0.0, False
-    for f in sorted(folder.glob("training_log_*.txt")):
+    for f in run_logs(folder):
         for m in re.finditer(pattern, f.read_text(errors="replace")):
             total += float(m.group(1))
             found = True
@@ -389,10 +398,9 @@ class NnUNet:
         save_json(cell, cell_file)
         result = evaluate(raw, out / "validation", val, ending, self.work / "eval" / f"nnunet_n{n}.json")
         train_time = time_from_text_log(out, r"Epoch time: ([0-9.]+) s")
-        epochs_done = len(re.findall(r"Epoch time:", "".join(f.read_text(errors="replace")
-                                                              for f in out.glob("training_log_*.txt"))))
+        text = "".join(f.read_text(errors="replace") for f in run_logs(out))
+        epochs_done = len(re.findall(r"Epoch time:", text))
         plans = load_json(self.pp / self.a.dataset_name / "nnUNetPlans.json")["configurations"]["2d"]
-        text = "".join(f.read_text(errors="replace") for f in sorted(out.glob("training_log_*.txt")))
         epochs_text = re.split(r"Epoch time:", text)
         best_epochs = [i for i, chunk in enumerate(epochs_text[1:], 1) if "New best EMA pseudo Dice" in chunk]
         last_best = best_epochs[-1] if best_epochs else 0
