@@ -13,7 +13,8 @@ A trainer subclasses ``EpochLoop`` and supplies the parts that differ:
 
 The loop itself (``run``): one run per fold at a time (``RunLock``), ``checkpoint_latest.pth`` after every
 epoch, ``checkpoint_best.pth`` on a new best moving average of the validation pseudo-Dice, ``checkpoint_final.pth``
-at the end, and a stop once that moving average has not improved for ``patience`` epochs. Batches depend only on
+at the end, and a stop once that moving average has not improved for ``patience`` epochs (after an optional
+cool-down of ``cooldown_epochs`` in which the learning rate falls to 0). Batches depend only on
 the seed and the epoch, so a resumed run continues exactly where a killed one stopped.
 
 Under torchrun (``self.dist``, see ``distributed.py``) every process runs the loop; process 0 alone holds the run
