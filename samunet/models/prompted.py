@@ -94,15 +94,8 @@ class PromptedSegmenter(nn.Module):
             raise ValueError("give at least one prompt: points, a box or a mask")
         if (point_coords is None) != (point_labels is None):
             raise ValueError("point_coords and point_labels go together")
-        b = embeddings.shape[0]
-        point_coords, point_labels, boxes, mask_input = self._prompt_tensors(
-            b, "B", embeddings.device, point_coords, point_labels, boxes, mask_input)
-        image_pe = self.prompt_encoder.get_dense_pe()
-        points = None if point_coords is None else (point_coords, point_labels)
-        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-        low, iou = decode_masks(self.mask_decoder, embeddings, image_pe, sparse, dense, multimask_output)
-        full = F.interpolate(low, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
-        return PromptedOutput(masks=full, iou=iou, low_res=low)
+        return self._decode(embeddings, embeddings.shape[0], "B", point_coords, point_labels, boxes, mask_input,
+                            multimask_output)
 
     @torch.no_grad()
     def predict_prompts(self, embedding: torch.Tensor, point_coords: torch.Tensor | None = None,
@@ -119,8 +112,8 @@ class PromptedSegmenter(nn.Module):
         for a in range(0, n, chunk_size):
             sl = slice(a, min(n, a + chunk_size))
             m = sl.stop - sl.start
-            out = self._decode_shared(
-                embedding, m,
+            out = self._decode(
+                embedding, m, "N",
                 None if point_coords is None else point_coords[sl], None if point_labels is None else point_labels[sl],
                 None if boxes is None else boxes[sl], None if mask_input is None else mask_input[sl],
                 multimask_output)
@@ -129,14 +122,17 @@ class PromptedSegmenter(nn.Module):
             lows.append(out.low_res)
         return PromptedOutput(masks=torch.cat(masks), iou=torch.cat(ious), low_res=torch.cat(lows))
 
-    def _decode_shared(self, embedding, m, point_coords, point_labels, boxes, mask_input, multimask_output):
+    def _decode(self, embeddings, n, name, point_coords, point_labels, boxes, mask_input, multimask_output):
+        """``n`` prompts, prompt i on embedding i (or all on one shared (1, C, g, g) embedding), in one pass;
+        ``name`` is the batch axis as the caller's error messages call it."""
         point_coords, point_labels, boxes, mask_input = self._prompt_tensors(
-            m, "N", embedding.device, point_coords, point_labels, boxes, mask_input)
+            n, name, embeddings.device, point_coords, point_labels, boxes, mask_input)
         points = None if point_coords is None else (point_coords, point_labels)
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-        low, iou = decode_masks(self.mask_decoder, embedding, self.prompt_encoder.get_dense_pe(), sparse, dense,
+        low, iou = decode_masks(self.mask_decoder, embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense,
                                 multimask_output)
-        full = F.interpolate(low, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        full = low if low.shape[-1] == self.input_size else \
+            F.interpolate(low, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
         return PromptedOutput(masks=full, iou=iou, low_res=low)
 
     def decode_each(self, embeddings: torch.Tensor, point_coords: torch.Tensor | None = None,
@@ -145,13 +141,5 @@ class PromptedSegmenter(nn.Module):
         """N prompts on N images, with gradients: ``embeddings`` (N, C, g, g), prompt i on image i, in the shapes
         of ``predict_prompts``. All pairs are decoded in one pass (``decode_masks``; segment_anything's decoder
         would pair one image with all prompts of that image)."""
-        n = embeddings.shape[0]
-        point_coords, point_labels, boxes, mask_input = self._prompt_tensors(
-            n, "N", embeddings.device, point_coords, point_labels, boxes, mask_input)
-        image_pe = self.prompt_encoder.get_dense_pe()
-        points = None if point_coords is None else (point_coords, point_labels)
-        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-        low, iou = decode_masks(self.mask_decoder, embeddings, image_pe, sparse, dense, multimask_output)
-        full = low if low.shape[-1] == self.input_size else \
-            F.interpolate(low, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
-        return PromptedOutput(masks=full, iou=iou, low_res=low)
+        return self._decode(embeddings, embeddings.shape[0], "N", point_coords, point_labels, boxes, mask_input,
+                            multimask_output)
