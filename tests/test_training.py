@@ -383,6 +383,9 @@ def test_early_stopping_stops_at_the_plateau_and_resumes_after_a_kill(trained, h
     # pseudo-Dice does not improve, so patience 3 stops it long before the 40-epoch cap, after a 2-epoch cool-down
     args = ["--head", "linear", "--num_labeled_cases", "2", "--epochs", "40", "--iterations_per_epoch", "1",
             "--batch_size", "2", "--patience", "3", "--cooldown", "2"]
+    r = _train_cli("--head", "linear", "--num_labeled_cases", "2", "--cooldown", "-1")
+    assert r.returncode == 1 and "error: --cooldown -1: must be 0 or more epochs" in r.stderr
+    assert "Traceback" not in r.stderr
     r = _train_cli(*args)
     assert r.returncode == 0, r.stderr
     out = base / "samunetTrainer_linear_n2__samunetPlans__2d" / "fold_0"

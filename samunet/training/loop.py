@@ -186,7 +186,7 @@ class EpochLoop:
         if not self._plateaued():
             return False
         epochs = min(int(self.cooldown_epochs), self.num_epochs - self.epoch)
-        if epochs <= 0 or not self.log["lr"]:
+        if epochs <= 0:  # (a plateau implies trained epochs, so the log holds their learning rates)
             return True
         self.log["cooldown"] = {"from_epoch": self.epoch, "epochs": epochs, "start_lr": float(self.log["lr"][-1])}
         self.text(f"plateau: the moving average of the pseudo-Dice has not improved for {self.patience} epochs; "

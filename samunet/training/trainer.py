@@ -74,6 +74,8 @@ class Trainer(EpochLoop, ScaleOut):
         self.patience = int(patience if patience is not None else
                             self.config.get("early_stopping_patience", DEFAULT_PATIENCE))
         self.cooldown_epochs = int(cooldown if cooldown is not None else self.config.get("cooldown_epochs", 0))
+        if self.cooldown_epochs < 0:
+            raise SamunetError(f"--cooldown {self.cooldown_epochs}: must be 0 or more epochs")
         self.dist = init_distributed(device)  # under torchrun: this process's rank and device, else one process
         self.device = self.dist.device
         self.compile_model = compile_model
