@@ -184,15 +184,6 @@ def run_logs(folder: Path) -> list[Path]:
     return logs[starts[-1]:] if starts else logs
 
 
-def time_from_text_log(folder: Path, pattern: str) -> float | None:
-    total, found = 0.0, False
-    for f in run_logs(folder):
-        for m in re.finditer(pattern, f.read_text(errors="replace")):
-            total += float(m.group(1))
-            found = True
-    return total if found else None
-
-
 # ----------------------------------------------------------------------------------------------- samunet cells
 SSL = "unet_ssl"  # the U-Net pre-trained by samunet_pretrain, then fine-tuned
 
@@ -397,9 +388,10 @@ class NnUNet:
             log(f"nnunet n={n}: already trained and validated")
         save_json(cell, cell_file)
         result = evaluate(raw, out / "validation", val, ending, self.work / "eval" / f"nnunet_n{n}.json")
-        train_time = time_from_text_log(out, r"Epoch time: ([0-9.]+) s")
         text = "".join(f.read_text(errors="replace") for f in run_logs(out))
-        epochs_done = len(re.findall(r"Epoch time:", text))
+        epoch_times = [float(t) for t in re.findall(r"Epoch time: ([0-9.]+) s", text)]
+        train_time = sum(epoch_times) if epoch_times else None
+        epochs_done = len(epoch_times)
         plans = load_json(self.pp / self.a.dataset_name / "nnUNetPlans.json")["configurations"]["2d"]
         epochs_text = re.split(r"Epoch time:", text)
         best_epochs = [i for i, chunk in enumerate(epochs_text[1:], 1) if "New best EMA pseudo Dice" in chunk]
