@@ -127,12 +127,17 @@ def _upscaling_layout(upscaling: nn.Module) -> bool:
     return convs_ok and type(norm).__name__ == "LayerNorm2d" and hasattr(norm, "eps")
 
 
+def _transposed_conv_rows(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
+    """A stride-2, kernel-2 transposed convolution as one product: (..., Cin) -> (rows, (dy, dx, Cout))."""
+    weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.in_channels, 4 * conv.out_channels)
+    return torch.addmm(conv.bias.repeat(4), x.reshape(-1, conv.in_channels), weight)
+
+
 def _shuffle_up(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
     """Channels-last stride-2 transposed convolution: (B, h, w, Cin) -> (B, 2h, 2w, Cout)."""
     b, h, w, _ = x.shape
     cout = conv.out_channels
-    weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.in_channels, 4 * cout)  # (Cin, (dy, dx, Cout))
-    y = torch.addmm(conv.bias.repeat(4), x.reshape(-1, conv.in_channels), weight)
+    y = _transposed_conv_rows(x, conv)
     return y.view(b, h, w, 2, 2, cout).permute(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, cout)
 
 
@@ -147,8 +152,7 @@ def upscale_and_project(upscaling: nn.Module, keys: torch.Tensor, h: int, w: int
     x = _shuffle_up(keys.view(b, h, w, d), conv1)                           # (B, 2h, 2w, D/4)
     x = act1(F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps))
     cout = conv2.out_channels
-    weight = conv2.weight.permute(0, 2, 3, 1).reshape(conv2.in_channels, 4 * cout)
-    y = act2(torch.addmm(conv2.bias.repeat(4), x.reshape(-1, conv2.in_channels), weight))  # (B*2h*2w, 4*D')
+    y = act2(_transposed_conv_rows(x, conv2))                                 # (B*2h*2w, 4*D')
     c = hyper.shape[1]
     logits = torch.bmm(y.view(b, -1, cout), hyper.transpose(1, 2))            # (B, 2h*2w*4, C)
     logits = logits.view(b, 2 * h, 2 * w, 2, 2, c).permute(0, 5, 1, 3, 2, 4)  # (B, C, 2h, dy, 2w, dx)
