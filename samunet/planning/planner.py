@@ -35,6 +35,13 @@ INITIAL_LR = {"autosam": 1e-3, "cnn": 1e-3, "linear": 1e-2,  # a lone 1x1 classi
               "unet": 1e-2,  # the from-scratch U-Net: nnU-Net's SGD learning rate
               "hybrid": 1e-2}  # the hybrid head is mostly a U-Net: nnU-Net's SGD learning rate
 RGB_NAMES = ({"r", "g", "b"}, {"red", "green", "blue"})
+# augmented views for the hybrid head: encoder seconds (at the CPU reference) one run may spend on them, i.e. 4000
+# LiteMedSAM encodings at 128 px, the budget of the plateau study (16 views of 1-5 Hippocampus cases, 5 of 20)
+VIEW_BUDGET_S = 1360.0
+# where the head default comes from: Hippocampus fold 0, trained to plateau, mean foreground Dice (1 / 5 cases)
+PLATEAU_EVIDENCE = ("in the plateau study (benchmarks/results/label_efficiency_004_fold0_plateau.md, Hippocampus fold "
+                    "0, every model trained to its plateau) the hybrid head reached 0.682 / 0.803 mean foreground Dice "
+                    "with 1 / 5 labelled cases, the AutoSAM head 0.701 with 5")
 
 
 def _choose_slice_axis(spacings: np.ndarray, shapes: np.ndarray) -> tuple[int, str]:
@@ -186,7 +193,10 @@ def _configuration(name: str, context: int, embedding_context: int, fingerprint:
     batch_reason = (f"memory budget {opts['memory_gb']:.0f} GB / ~{per_sample:.0f} MB per sample "
                     f"({'head only, embeddings cached' if cache else 'encoder forward plus head'}), kept within "
                     f"[{MIN_BATCH_SIZE}, {MAX_BATCH_SIZE}]")
-    if spec.pretrained_decoder:
+    if cache:
+        head, head_reason = "hybrid", (f"the embeddings are cached, which the hybrid head (a U-Net on the slice fed "
+                                       f"the frozen embedding at every scale) reads; {PLATEAU_EVIDENCE}")
+    elif spec.pretrained_decoder:
         head, head_reason = "autosam", (f"{spec.name} ships a pretrained SAM mask decoder: the AutoSAM head starts "
                                         "from it and segments all classes in one pass")
     else:
@@ -256,8 +266,24 @@ def _configuration(name: str, context: int, embedding_context: int, fingerprint:
     }
     config["unet"] = canvas_block(config)
     config["hybrid"] = hybrid_block(config)
+    config["augmented_views"] = _views_rule(config, spec, encodes_per_slice)
     config["cpu_num_epochs"], config["cpu_num_epochs_reason"] = _cpu_epochs(config)
     return config
+
+
+def _views_rule(config: dict, spec: EncoderSpec, encodes_per_slice: int) -> dict:
+    """How many augmented views of the labelled slices a hybrid run encodes (``augmented_views.views_budget``)."""
+    encoder_s = spec.gflops(config["encoder_input_size"]) * encodes_per_slice / CPU_GFLOPS_REFERENCE
+    seconds, size = CPU_SECONDS_PER_SAMPLE["hybrid"]
+    head_s = seconds * (config["hybrid"]["canvas_size"] / size) ** 2
+    return {"encoder_s_per_input": round(encoder_s, 4), "head_s_per_sample": round(head_s, 4),
+            "budget_s": VIEW_BUDGET_S,
+            "reason": (f"the hybrid head trains on encoded augmented views of the labelled slices (rotation, scaling, "
+                       f"mirroring with their true embeddings, so mirroring test-time augmentation is valid) while "
+                       f"their encoder time (~{encoder_s:.2f} s per input at the CPU reference) stays within "
+                       f"{VIEW_BUDGET_S:.0f} s and within the head time of the run's cap (~{head_s:.3f} s per "
+                       f"sample x epochs x iterations x batch): up to 16 views where labels are few, none where "
+                       f"they are plentiful or the run is short; samunet_train --augmented_views overrides")}
 
 
 def _cpu_epochs(config: dict) -> tuple[dict, str]:

@@ -16,8 +16,11 @@ case, view), stored per case atomically under ``<cache folder>/views_<key>/`` (t
 the number of views, the canvas and the seed) and rebuilt only when missing. Because views include mirrored
 slices with their true embeddings, a model trained on them can be predicted with mirroring test-time augmentation.
 
-How many views: ``views_for`` spends at most ``VIEW_BUDGET`` encoder calls (16 views for 1-5 Hippocampus cases,
-about 5 for 20, none for a whole training set, where data is plentiful and the budget would be hours of CPU).
+How many views: ``views_for`` spends at most a budget of encoder calls, ``views_budget`` turns the plans' rule
+(``augmented_views``: encoder seconds per input, head seconds per sample, a budget in seconds) into calls for one
+run: no more encoder time than the budget (4000 LiteMedSAM calls at 128 px: 16 views for 1-5 Hippocampus cases,
+about 5 for 20, none for a whole training set or for a data set of many large tiles), and no more than the head
+time of the run's cap, so a short run (the demo) spends nothing on views.
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ from samunet.utils import atomic_save_npy, load_json, save_json, stable_hash
 
 logger = logging.getLogger("samunet")
 
-VIEW_BUDGET = 4000          # encoder calls spent on augmented views of one training run at most
+VIEW_BUDGET = 4000          # encoder calls spent on augmented views of one training run at most (plans without a rule)
 MAX_VIEWS = 16
 VIEW_WARP = WarpParams(rotation_deg=180.0, p_rotation=0.5, scale=(0.7, 1.4), p_scale=0.5, mirror_axes=(0, 1))
 
@@ -44,6 +47,17 @@ def views_for(num_inputs: int, budget: int = VIEW_BUDGET, max_views: int = MAX_V
     """Views per labelled encoder input within the budget; 0 when fewer than 2 would fit."""
     v = min(max_views, budget // max(1, num_inputs))
     return int(v) if v >= 2 else 0
+
+
+def views_budget(rule: dict | None, samples: int) -> tuple[int, str]:
+    """Encoder calls a run drawing ``samples`` training samples may spend on views, and why."""
+    if not rule:
+        return VIEW_BUDGET, f"the plans have no augmented_views rule: at most {VIEW_BUDGET} encoder calls"
+    head_s = samples * rule["head_s_per_sample"]
+    seconds = min(rule["budget_s"], head_s)
+    calls = int(seconds // rule["encoder_s_per_input"])
+    return calls, (f"{calls} encoder calls: {seconds:.0f} s (the lesser of the {rule['budget_s']:.0f} s budget and the "
+                   f"head time of {samples} samples) at {rule['encoder_s_per_input']:.2f} s per input")
 
 
 class AugmentedViews:

@@ -20,7 +20,7 @@ from samunet.paths import preprocessed_folder, resolve_dataset_name, results_fol
 from samunet.planning.plans import get_configuration, load_plans
 from samunet.preprocessing.embedding_cache import EmbeddingCache
 from samunet.models.run_checkpoint import check_compatible, load_checkpoint
-from samunet.training.augmented_views import AugmentedViews, views_for
+from samunet.training.augmented_views import AugmentedViews, views_budget, views_for
 from samunet.training.cached_augmentation import WarpParams
 from samunet.training.data import BackgroundBatches, CachedData, OnTheFlyData
 from samunet.training.distributed import init_distributed, shard
@@ -170,8 +170,12 @@ class Trainer(EpochLoop, ScaleOut):
             canvas = self.hybrid_architecture["canvas_size"] if self.hybrid else None
             warp = WarpParams() if self.hybrid else None
             n_views = self.augmented_views
-            if n_views is None:
-                n_views = views_for(sum(len(self.cache.load(i)[0]) for i in self.train_ids)) if self.hybrid else 0
+            if n_views is None and self.hybrid:
+                inputs = sum(len(self.cache.load(i)[0]) for i in self.train_ids)
+                calls, why = views_budget(self.config.get("augmented_views"),
+                                          self.num_epochs * self.iterations * self.batch_size)
+                n_views = views_for(inputs, calls)
+                self.text(f"augmented views: {n_views} per labelled input ({inputs} inputs; {why})")
             if n_views:
                 self.views = AugmentedViews(self.cache, canvas, n_views, self.seed)
                 self.views.build(shard(self.train_ids, self.dist.rank, self.dist.world_size), self.encoder,
