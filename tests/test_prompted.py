@@ -138,9 +138,11 @@ def test_clicks_correct_a_trained_heads_prediction(finetuned, tmp_path):
     from samunet.training.trainer import Trainer
     t, _ = finetuned
     with use_folders(t.pp_folder.parents[1], t.model_dir.parents[1]):
-        head = Trainer(4, "2d", 0, head="autosam", epochs=1, iterations_per_epoch=4, num_labeled_cases=4,
+        # the default head, which reads the slice as well as its embedding; briefly trained: far from perfect, so
+        # there is something to correct
+        head = Trainer(4, "2d", 0, head="hybrid", epochs=1, iterations_per_epoch=4, num_labeled_cases=4,
                        batch_size=8)
-        head.run()   # a briefly trained head: far from perfect, so there is something to correct
+        head.run()
         out = tmp_path / "refine"
         r = subprocess.run(ZEROSHOT + ["-d", "4", "-o", str(out), "--cases", "2", "--slices_per_case", "1",
                                        "--clicks", "3", "--refine", str(head.model_dir), "--decoder",

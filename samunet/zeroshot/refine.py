@@ -3,8 +3,9 @@
 ``samunet_zeroshot -d D -c 2d --refine MODEL_FOLDER [--refine_folds 0] [--decoder FINETUNED]`` takes the slices the
 zero-shot suite chooses, on cases no chosen fold trained on, and per object (class x connected component):
 
-- click 0 is the trained model's prediction of the object: its mask of the class, within the object's share of
-  the slice (the pixels nearer to this component than to another of the class, so stray false positives count);
+- click 0 is the trained model's prediction of the object (any head: those on the embedding, the hybrid head, the
+  U-Net; through the predictor, without test-time augmentation): its mask of the class, within the object's share
+  of the slice (the pixels nearer to this component than to another of the class, so stray false positives count);
 - each click goes deepest into the largest error region of the current mask (positive on missed foreground,
   negative on false foreground); the decoder gets all clicks so far, the box of the model's prediction, and as
   mask prompt the model's probabilities (first click) or its own previous low-resolution logits (later clicks);
@@ -23,7 +24,7 @@ import torch
 from scipy import ndimage
 from tqdm import tqdm
 
-from samunet.preprocessing.encoder_inputs import make_layout, probabilities_to_slice, slice_images
+from samunet.preprocessing.encoder_inputs import make_layout, slice_images
 from samunet.preprocessing.prompt_geometry import SliceGeometry
 from samunet.preprocessing import prompt_simulation as P
 from samunet.utils import SamunetError, atomic_write_bytes, save_json
@@ -36,7 +37,6 @@ def load_models(ev, model_folder, folds=None, checkpoint: str = "checkpoint_fina
     cases none of them trained on."""
     from samunet.models.encoders import encoder_identity
     from samunet.models.for_plans import model_from_state
-    from samunet.models.specs import ENCODER_HEADS
     from samunet.models.run_checkpoint import check_compatible, load_checkpoint
     folder = Path(model_folder)
     if int(ev.config["encoder_input_size"]) != ev.input_size:
@@ -51,12 +51,21 @@ def load_models(ev, model_folder, folds=None, checkpoint: str = "checkpoint_fina
         check_compatible(state, path, {"dataset_name": ev.dataset_name, "configuration": ev.configuration,
                                        "encoder_identity": encoder_identity(ev.encoder),
                                        "preprocessing_identity": ev.config["preprocessing_identity"]})
-        if state["head"] not in ENCODER_HEADS or int(state.get("embedding_context", 1)) != 1:
-            raise SamunetError(f"{path}: head '{state['head']}' reads more than its slice's embedding; --refine "
-                               f"takes heads on the embedding alone ({', '.join(ENCODER_HEADS)})")
         heads.append(model_from_state(state, ev.encoder).to(ev.device).eval())
         trained_on |= set(state["train_cases"])
     return heads, trained_on
+
+
+def model_probabilities(ev, heads, data, s: int) -> np.ndarray:
+    """The mean class probabilities ``(K, Y, X)`` of ``heads`` on preprocessed slice ``s`` of ``data`` ``(C, S, Y, X)``,
+    as ``samunet_predict`` computes them (without mirroring); a head that fuses neighbouring slices' embeddings gets
+    slices s-1..s+1."""
+    from samunet.inference.predictor import predict_preprocessed
+    halo = 1 if int(ev.config.get("embedding_context", 1)) > 1 else 0
+    lo, hi = max(0, s - halo), min(data.shape[1], s + halo + 1)
+    probs = predict_preprocessed(np.asarray(data[:, lo:hi]), ev.config, ev.encoder, heads, len(ev.label_values),
+                                 tta=False, device=ev.device)
+    return probs[:, s - lo]
 
 
 def _object_cell(seg_s: np.ndarray, obj) -> np.ndarray:
@@ -79,7 +88,7 @@ def refine_slice(ev, heads, case: str, s: int, data, seg, clicks: int) -> list[d
     layout = make_layout(seg_s.shape, ev.zs_config)
     geometry = SliceGeometry(layout, ev.segmenter.low_res_size)
     emb = ev._embed(slice_images(data, s, ev.config)[:1], layout, ev.encoder)
-    probs = torch.stack([probabilities_to_slice(h(emb).float().cpu(), layout) for h in heads]).mean(0).numpy()
+    probs = model_probabilities(ev, heads, data, s)
     predicted = np.asarray(ev.label_values)[probs.argmax(0)]
     rows = []
     for o in objects:
