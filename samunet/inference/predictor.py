@@ -91,6 +91,17 @@ def predict_preprocessed(data: np.ndarray, config: dict, encoder, heads: list, n
     return out
 
 
+def slice_probabilities(data: np.ndarray, s: int, config: dict, encoder, heads: list, num_classes: int,
+                        device="cpu") -> np.ndarray:
+    """Mean class probabilities ``(K, Y, X)`` of ``heads`` on slice ``s`` of a preprocessed case ``(C, S, Y, X)``,
+    without mirroring; heads that fuse neighbouring slices' embeddings get slices s-1..s+1, as in the whole case."""
+    halo = 1 if int(config.get("embedding_context", 1)) > 1 else 0
+    lo, hi = max(0, s - halo), min(data.shape[1], s + halo + 1)
+    probs = predict_preprocessed(np.asarray(data[:, lo:hi]), config, encoder, heads, num_classes, tta=False,
+                                 device=device)
+    return probs[:, s - lo]
+
+
 def _with_context(emb: torch.Tensor, chunk: range, ext: range, n_tiles: int, context: int,
                   s_count: int) -> torch.Tensor:
     """Embeddings of the slices in ``ext`` -> each ``chunk`` slice's own (context 1), or those of s-1, s, s+1

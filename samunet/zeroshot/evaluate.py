@@ -293,7 +293,7 @@ class ZeroShotEvaluator:
                 if pt_sweep.get(d) is not None:
                     row[f"point_shift_{d}"] = P.dice(pt_sweep[d][i], o.mask)
             rows.append(row)
-        slice_rows = self._slice_rows(case, s, seg_s, objects, preds, auto, images, emb)
+        slice_rows = self._slice_rows(case, s, seg_s, objects, preds, auto, images, emb, data)
         return rows, slice_rows, info
 
     def _clicks(self, emb, geometry, objects, centre, first_click) -> list[list[float]]:
@@ -331,15 +331,21 @@ class ZeroShotEvaluator:
                 dices[i].append(P.dice(masks[i], objects[i].mask))
         return dices
 
-    def _slice_rows(self, case, s, seg_s, objects, preds, auto, images, zs_emb) -> list[dict]:
+    def _slice_rows(self, case, s, seg_s, objects, preds, auto, images, zs_emb, data) -> list[dict]:
         """Per (slice, class): Dice of the union of the objects' masks of that class against the class mask, for
         each prompted mode and for the trained heads whose validation set holds this case."""
+        from samunet.inference.predictor import slice_probabilities
         from samunet.preprocessing.encoder_inputs import probabilities_to_slice
         trained_pred = {}
         layout = make_layout(seg_s.shape, self.config)
         embeddings = {}
         for t in self.trained:
             if case not in t["val"]:
+                continue
+            if not t["on_embedding"]:   # the hybrid head, the U-Net, 2.5d_emb heads: the predictor on the slice
+                probs = slice_probabilities(data, s, self.config, t["encoder"], [t["head"]],
+                                            len(self.label_values), self.device)
+                trained_pred[t["name"]] = np.asarray(self.label_values)[probs.argmax(0)]
                 continue
             key = id(t["encoder"])
             if key not in embeddings:   # the zero-shot embedding is reused when it is the same input

@@ -24,6 +24,7 @@ import torch
 from scipy import ndimage
 from tqdm import tqdm
 
+from samunet.inference.predictor import slice_probabilities
 from samunet.preprocessing.encoder_inputs import make_layout, slice_images
 from samunet.preprocessing.prompt_geometry import SliceGeometry
 from samunet.preprocessing import prompt_simulation as P
@@ -38,6 +39,7 @@ def load_models(ev, model_folder, folds=None, checkpoint: str = "checkpoint_fina
     from samunet.models.encoders import encoder_identity
     from samunet.models.for_plans import model_from_state
     from samunet.models.run_checkpoint import check_compatible, load_checkpoint
+    from samunet.models.specs import IMAGE_MODELS
     folder = Path(model_folder)
     if int(ev.config["encoder_input_size"]) != ev.input_size:
         raise SamunetError(f"--refine needs the plans' encoder input size ({ev.config['encoder_input_size']} px), "
@@ -48,24 +50,14 @@ def load_models(ev, model_folder, folds=None, checkpoint: str = "checkpoint_fina
     heads, trained_on = [], set()
     for path in paths:
         state = load_checkpoint(path)
-        check_compatible(state, path, {"dataset_name": ev.dataset_name, "configuration": ev.configuration,
-                                       "encoder_identity": encoder_identity(ev.encoder),
-                                       "preprocessing_identity": ev.config["preprocessing_identity"]})
+        expected = {"dataset_name": ev.dataset_name, "configuration": ev.configuration,
+                    "preprocessing_identity": ev.config["preprocessing_identity"]}
+        if state.get("head") not in IMAGE_MODELS:   # the U-Net has no encoder to match
+            expected["encoder_identity"] = encoder_identity(ev.encoder)
+        check_compatible(state, path, expected)
         heads.append(model_from_state(state, ev.encoder).to(ev.device).eval())
         trained_on |= set(state["train_cases"])
     return heads, trained_on
-
-
-def model_probabilities(ev, heads, data, s: int) -> np.ndarray:
-    """The mean class probabilities ``(K, Y, X)`` of ``heads`` on preprocessed slice ``s`` of ``data`` ``(C, S, Y, X)``,
-    as ``samunet_predict`` computes them (without mirroring); a head that fuses neighbouring slices' embeddings gets
-    slices s-1..s+1."""
-    from samunet.inference.predictor import predict_preprocessed
-    halo = 1 if int(ev.config.get("embedding_context", 1)) > 1 else 0
-    lo, hi = max(0, s - halo), min(data.shape[1], s + halo + 1)
-    probs = predict_preprocessed(np.asarray(data[:, lo:hi]), ev.config, ev.encoder, heads, len(ev.label_values),
-                                 tta=False, device=ev.device)
-    return probs[:, s - lo]
 
 
 def _object_cell(seg_s: np.ndarray, obj) -> np.ndarray:
@@ -88,7 +80,7 @@ def refine_slice(ev, heads, case: str, s: int, data, seg, clicks: int) -> list[d
     layout = make_layout(seg_s.shape, ev.zs_config)
     geometry = SliceGeometry(layout, ev.segmenter.low_res_size)
     emb = ev._embed(slice_images(data, s, ev.config)[:1], layout, ev.encoder)
-    probs = model_probabilities(ev, heads, data, s)
+    probs = slice_probabilities(data, s, ev.config, ev.encoder, heads, len(ev.label_values), ev.device)
     predicted = np.asarray(ev.label_values)[probs.argmax(0)]
     rows = []
     for o in objects:

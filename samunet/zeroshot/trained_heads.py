@@ -37,7 +37,7 @@ def load_trained_heads(dataset_name: str, plans: dict, configuration: str, encod
     from samunet.models.encoders import encoder_identity
     from samunet.models.for_plans import build_encoder_for_plans, model_from_state
     from samunet.models.run_checkpoint import check_compatible, load_checkpoint
-    from samunet.models.specs import ENCODER_HEADS
+    from samunet.models.specs import ENCODER_HEADS, IMAGE_MODELS
     found, splits = trained_folds(dataset_name, plans, configuration)
     if not found:
         return []
@@ -52,20 +52,21 @@ def load_trained_heads(dataset_name: str, plans: dict, configuration: str, encod
         path = fold_dir / "checkpoint_final.pth"
         try:
             state = load_checkpoint(path)
-            check_compatible(state, path, {"configuration": configuration, "encoder_identity": identity,
-                                           "preprocessing_identity": config["preprocessing_identity"]})
+            expected = {"configuration": configuration, "preprocessing_identity": config["preprocessing_identity"]}
+            if state.get("head") not in IMAGE_MODELS:   # the U-Net has no encoder to match
+                expected["encoder_identity"] = identity
+            check_compatible(state, path, expected)
         except SamunetError as e:
             logger.warning("trained model skipped: %s", e)
             continue
         if fold >= len(splits):
             logger.warning("%s: fold %d is not in %s; skipped", model_dir.name, fold, splits_file)
             continue
-        if state["head"] not in ENCODER_HEADS or int(state.get("embedding_context", 1)) != 1:
-            logger.info("%s: %s reads more than its slice's embedding; not compared here", path, state["head"])
-            continue
         head = model_from_state(state, encoder)
+        # heads on the slice's embedding alone reuse the suite's embedding; the others go through the predictor
+        on_embedding = state["head"] in ENCODER_HEADS and int(state.get("embedding_context", 1)) == 1
         trainer = model_dir.name.split("__")[0]
         out.append({"name": f"{trainer.replace('samunetTrainer_', '')}_fold{fold}", "trainer": trainer,
-                    "fold": fold, "head": head.to(device).eval(), "encoder": encoder,
+                    "fold": fold, "head": head.to(device).eval(), "encoder": encoder, "on_embedding": on_embedding,
                     "val": set(splits[fold]["val"])})
     return out
