@@ -210,6 +210,16 @@ def test_find_best_configuration_ensembles_postprocesses_and_its_instructions_wo
                  batch_size=8)
     a, b = "samunetTrainer_autosam_n4__samunetPlans__2d", "samunetTrainer_cnn_n4__samunetPlans__2d"
     val_a, val_b = res / a / "fold_0" / "validation", res / b / "fold_0" / "validation"
+    # final validation resumes per case: after a case's output is lost, a rerun predicts that case alone
+    summary = json.loads((val_a / "summary.json").read_text())
+    lost, kept = t.val_ids[0], t.val_ids[1:]
+    stamps = {c: (val_a / f"{c}.npz").stat().st_mtime_ns for c in kept}
+    (val_a / f"{lost}.npz").unlink()
+    run_training(4, "2d", 0, head="autosam", num_labeled_cases=4, validation_only=True, save_probabilities=True,
+                 batch_size=8)
+    assert {c: (val_a / f"{c}.npz").stat().st_mtime_ns for c in kept} == stamps
+    assert (val_a / f"{lost}.npz").is_file()
+    assert json.loads((val_a / "summary.json").read_text())["foreground_mean"] == summary["foreground_mean"]
 
     r = subprocess.run(FIND_BEST + ["4", "-f", "0"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -19,7 +19,6 @@ from samunet.models.for_plans import build_encoder_for_plans, build_model
 from samunet.paths import preprocessed_folder, resolve_dataset_name, results_folder
 from samunet.planning.plans import get_configuration, load_plans
 from samunet.preprocessing.embedding_cache import EmbeddingCache
-from samunet.models.run_checkpoint import check_compatible, load_checkpoint
 from samunet.training.augmented_views import AugmentedViews, views_budget, views_for
 from samunet.training.cached_augmentation import WarpParams
 from samunet.training.data import BackgroundBatches, CachedData, OnTheFlyData
@@ -354,48 +353,10 @@ class Trainer(EpochLoop, ScaleOut):
 
     # ----------------------------------------------------------------- final validation
     def final_validation(self, checkpoint: str = "checkpoint_final.pth", save_probabilities: bool = False) -> dict:
-        """Predict the fold's validation cases in their original geometry and evaluate them (``summary.json``)."""
-        from samunet.dataset.io import write_seg
-        from samunet.evaluation.evaluate import evaluate_folder
-        from samunet.inference.predictor import predict_preprocessed, probabilities_to_segmentation
-        if self.head is None:
-            self.initialize()
-        path = self.output / checkpoint
-        state = load_checkpoint(path)
-        check_compatible(state, path, self._expected())
-        self.head.load_state_dict(state["head_state"])
-        self.head.eval()
-        # mirroring test-time augmentation, as samunet_predict (and nnU-Net's validation) applies it: only for models
-        # whose training mirrored their inputs
-        tta = bool(state.get("mirroring_axes"))
-        data_dir = self.pp_folder / self.config["data_identifier"]
-        val_dir = self.output / "validation"
-        val_dir.mkdir(parents=True, exist_ok=True)
-        ending = self.plans["file_ending"]
-        for ident in tqdm(shard(self.val_ids, self.dist.rank, self.dist.world_size), desc="final validation",
-                          disable=not self.dist.is_main):
-            data = np.load(data_dir / f"{ident}.npy", mmap_mode="r")
-            props = load_json(data_dir / f"{ident}.json")
-            emb = self.cache.load(ident)[0] if self.cache is not None and self.use_cache and self.cache.is_done(ident) \
-                else None
-            probs_pp = predict_preprocessed(data, self.config, self.encoder, [self.head], self.num_classes,
-                                            tta=tta, cached_embeddings=emb, batch_size=self.batch_size,
-                                            device=self.device)
-            seg, probs = probabilities_to_segmentation(probs_pp, props, self.label_values)
-            write_seg(seg, props["original"], val_dir / f"{ident}{ending}")
-            if save_probabilities:
-                np.savez_compressed(val_dir / f"{ident}.npz", probabilities=probs.astype(np.float16))
-        self.dist.barrier()  # every process has written its share of the validation cases
-        if not self.dist.is_main:
-            return self.dist.broadcast_object(None)
-        summary = evaluate_folder(self.pp_folder / "gt_segmentations", val_dir,
-                                  labels=[v for v in self.label_values if v != 0], file_ending=ending,
-                                  output_file=val_dir / "summary.json", cases=self.val_ids)
-        self.text(f"final validation ({checkpoint}, {len(self.val_ids)} cases"
-                  f"{', mirroring test-time augmentation' if tta else ''}): mean foreground Dice "
-                  f"{summary['foreground_mean']['Dice']:.4f}, per class "
-                  + ", ".join(f"{k}: {v['Dice']:.4f}" for k, v in summary["mean"].items()))
-        return self.dist.broadcast_object(summary)
+        """Predict the fold's validation cases in their original geometry and evaluate them (``summary.json``);
+        resumable per case (``samunet.training.final_validation``)."""
+        from samunet.training.final_validation import final_validation
+        return final_validation(self, checkpoint, save_probabilities)
 
 
 def run_training(dataset, configuration: str, fold, head=None, epochs=None, iterations_per_epoch=None,
