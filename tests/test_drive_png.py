@@ -25,6 +25,13 @@ def test_drive_trains_and_predicts_png_in_original_geometry(samunet_dirs, tmp_pa
     assert len(t.val_ids) == 2 and len(t.train_ids) == 2
     summary = json.loads((t.output / "validation" / "summary.json").read_text())
     assert summary["foreground_mean"]["Dice"] > 0.3, summary["mean"]  # vessels found after 30 steps
+    # augmented views of RGB tiles (the hybrid head's strong augmentation): one view of a case, every tile encoded
+    from samunet.training.augmented_views import AugmentedViews
+    views = AugmentedViews(t.cache, canvas=256, views=1)
+    n_tiles = len(t.cache.load(t.train_ids[0])[0])
+    assert views.build(t.train_ids[:1], t.encoder) == n_tiles == 16
+    emb, tgt, img, _ = views.load(t.train_ids[0])
+    assert emb.shape == (16, 256, 64, 64) and img.shape == (16, 3, 256, 256) and np.asarray(tgt).max() == 1
     inp = tmp_path / "in"
     inp.mkdir()
     case = t.val_ids[0]

@@ -112,7 +112,8 @@ class AugmentedViews:
                 img = slice_images(data, s, self.config)  # (n_enc, 3, Y, X)
                 if per_view:
                     np.random.set_state(view_state)
-                d = transform(data=np.ascontiguousarray(img.reshape(1, -1, *img.shape[-2:]), dtype=np.float32))
+                # a copy: an RGB slice is a read-only view of the memory-mapped case, which the transforms write into
+                d = transform(data=np.array(img.reshape(1, -1, *img.shape[-2:]), dtype=np.float32))
                 img = np.clip(d["data"][0], 0, 1).reshape(img.shape)
                 x = encoder_inputs(img, layout)                                 # (T, n_enc, 3, P, P)
                 theta = view_theta if per_view else random_affine(rng, 1, region_centres([layout]), VIEW_WARP)
