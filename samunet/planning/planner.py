@@ -29,7 +29,8 @@ EARLY_STOPPING_PATIENCE = 15
 CPU_HOURS_PER_FOLD = 3.0          # the epoch cap on a CPU keeps one fold within a few hours
 # seconds per training sample on 2 CPU cores (fp32, forward and backward), measured at the size given, and scaled
 # by pixels to other sizes: heads at the encoder input P, the U-Net and the hybrid head at their canvas Q
-CPU_SECONDS_PER_SAMPLE = {"autosam": (0.075, 128), "cnn": (0.05, 128), "linear": (0.005, 128),
+# (autosam: 0.075 s before the folded two-way attention made its step 2.14x faster at 16 x 128 px, head_step.md)
+CPU_SECONDS_PER_SAMPLE = {"autosam": (0.035, 128), "cnn": (0.05, 128), "linear": (0.005, 128),
                           "unet": (0.019, 64), "hybrid": (0.03, 64)}  # the U-Net: 0.63x the hybrid head, same run
 INITIAL_LR = {"autosam": 1e-3, "cnn": 1e-3, "linear": 1e-2,  # a lone 1x1 classifier needs larger steps
               "unet": 1e-2,  # the from-scratch U-Net: nnU-Net's SGD learning rate
