@@ -336,6 +336,10 @@ def test_hybrid_head_trains_on_the_cache_and_predicts_like_its_validation(traine
     a = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / f"{case}.nii.gz")))
     b = sitk.GetArrayFromImage(sitk.ReadImage(str(t.output / "validation" / f"{case}.nii.gz")))
     assert a.shape == b.shape and (a == b).mean() > 0.995  # cached float16 embeddings vs recomputed ones
+    # the hybrid head is the plans' default; without the cache the planner's head for uncached embeddings trains
+    from samunet.training.trainer import Trainer
+    assert t.config["head"] == "hybrid" and Trainer(4, "2d", 0, num_labeled_cases=4).head_name == "hybrid"
+    assert Trainer(4, "2d", 0, num_labeled_cases=4, use_cache=False).head_name == "autosam"
 
 
 def test_cached_warp_keeps_image_label_and_embedding_aligned(trained):

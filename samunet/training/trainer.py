@@ -64,6 +64,12 @@ class Trainer(EpochLoop, ScaleOut):
         self.head_name = head or self.config["head"]
         if self.head_name not in HEADS:
             raise SamunetError(f"unknown head '{self.head_name}' (choose {', '.join(HEADS)})")
+        if head is None and use_cache is False and self.head_name in HYBRID_HEADS:
+            # the plans' default reads the cache; without it, the head the planner picks for uncached embeddings
+            from samunet.models.specs import get_encoder_spec
+            self.head_name = "autosam" if get_encoder_spec(self.plans["encoder"]["name"]).pretrained_decoder else "cnn"
+            logger.info("--no_cache: the plans' %s head reads cached embeddings; training the %s head instead",
+                        self.config["head"], self.head_name)
         self.num_epochs = int(epochs or self.config["num_epochs"])
         self.iterations = int(iterations_per_epoch or self.config["iterations_per_epoch"])
         self.num_labeled_cases = num_labeled_cases
