@@ -538,7 +538,7 @@ def plot(report: dict, path: Path) -> None:
     ax.set_title(f"{report['dataset']} fold {report['fold']}" + (f" ({detail})" if detail else ""), fontsize=10)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # the legend below the axes stays whole
     plt.close(fig)
 
 
