@@ -13,10 +13,15 @@ from samunet.utils import SamunetError
 
 def _setup_logging(verbose: bool = False) -> None:
     logger = logging.getLogger("samunet")
+    ours = [h for h in logger.handlers if getattr(h, "samunet_cli", False)]
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("samunet: %(message)s"))
+        handler.samunet_cli = True
         logger.addHandler(handler)
+    for handler in ours:  # a later command in the same process writes to today's stderr (it may be redirected)
+        if handler.stream is not sys.stderr:
+            handler.setStream(sys.stderr)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
 
@@ -285,7 +290,7 @@ def predict_entry(argv=None):
     p.add_argument("-d", required=True, help="data set id or name")
     p.add_argument("-c", required=True, help="configuration (2d or 2.5d)")
     p.add_argument("--head", default=None, choices=HEADS,
-                   help="head whose models to use (default: the plans' head)")
+                   help="head whose models to use (default: the plans' head, or the only trained head)")
     p.add_argument("-tr", default=None, help="trainer name as in the results folder, e.g. samunetTrainer_autosam "
                                              "(nnU-Net's -tr; the same as --head autosam)")
     p.add_argument("-p", default="samunetPlans", help="plans name")
@@ -302,12 +307,21 @@ def predict_entry(argv=None):
         check_trainer_name(a.tr, a.head, a.num_labeled_cases)
         return _predict(a, model_folder(name, a.tr, a.p, a.c))
     head = a.head
-    if head is None:
+    if head is None:  # the plans' head where it was trained, else the one head that was
         candidates = sorted((results_folder() / name).glob(f"samunetTrainer_*__{a.p}__{a.c}"))
         plans_file = candidates[0] / "plans.json" if candidates else None
         if plans_file is None or not plans_file.is_file():
             raise SamunetError(f"no trained model for {name} configuration {a.c} in {results_folder() / name}")
         head = load_json(plans_file)["configurations"][a.c]["head"]
+        trained = [h for h in HEADS if model_folder(name, trainer_name(h, a.num_labeled_cases), a.p, a.c).is_dir()]
+        if head not in trained and len(trained) == 1:
+            logging.getLogger("samunet").info("the plans' %s head was not trained; using the trained %s head",
+                                              head, trained[0])
+            head = trained[0]
+        elif head not in trained and trained:
+            raise SamunetError(f"the plans' {head} head has no trained model "
+                               f"{trainer_name(head, a.num_labeled_cases)} for {name} configuration {a.c}; "
+                               f"trained heads: {', '.join(trained)}; choose one with --head")
     _predict(a, model_folder(name, trainer_name(head, a.num_labeled_cases), a.p, a.c))
 
 

@@ -142,7 +142,8 @@ def hippo_cli_prediction(_hippo_trained, tmp_path_factory):
     shutil.copy(HIPPO / "imagesTr" / f"{case}_0000.nii.gz", inp)
     env = dict(os.environ, **{k: str(root / k) for k in ("samunet_raw", "samunet_preprocessed", "samunet_results")})
     r = subprocess.run([sys.executable, "-c", "from samunet.cli import predict_entry as m; m()", "-i", str(inp),
-                        "-o", str(out), "-d", "4", "-c", "2d", "-f", "0", "--num_labeled_cases", "4"],
+                        "-o", str(out), "-d", "4", "-c", "2d", "-f", "0", "--num_labeled_cases", "4",
+                        "--head", "autosam"],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     return case, inp, out

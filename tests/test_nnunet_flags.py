@@ -68,3 +68,22 @@ def test_trainer_names_and_step_size_are_checked_before_any_work(trained, tmp_pa
                                      "-tr", "samunetTrainer_autosam_n4", "-step_size", "1.5"],
              "step size 1.5: must lie in (0, 1]")
     assert not (tmp_path / "o").exists()
+
+
+def test_predict_without_head_takes_the_plans_head_or_the_only_trained_one(trained, tmp_path, capsys):
+    import shutil
+    from samunet.paths import results_folder
+    (tmp_path / "in").mkdir()
+    folders = [results_folder() / "Dataset004_Hippocampus" / f"samunetTrainer_{h}_n9__samunetPlans__2d"
+               for h in ("autosam", "cnn")]
+    argv = ["-i", str(tmp_path / "in"), "-o", str(tmp_path / "o"), "-d", "4", "-c", "2d", "--num_labeled_cases", "9"]
+    try:
+        for f in folders:
+            f.mkdir()
+        _refused(capsys, predict_entry, argv, "the plans' hybrid head has no trained model samunetTrainer_hybrid_n9 "
+                 "for Dataset004_Hippocampus configuration 2d; trained heads: autosam, cnn; choose one with --head")
+        folders[1].rmdir()
+        _refused(capsys, predict_entry, argv, "samunetTrainer_autosam_n9__samunetPlans__2d")  # the only one, used
+    finally:
+        for f in folders:
+            shutil.rmtree(f, ignore_errors=True)

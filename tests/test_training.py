@@ -127,7 +127,8 @@ def test_predict_matches_validation_and_keeps_geometry(trained, hippo_env, tmp_p
         shutil.copy(HIPPO / "imagesTr" / f"{c}_0000.nii.gz", inp)
     out = tmp_path / "out"
     r = subprocess.run(PREDICT + ["-i", str(inp), "-o", str(out), "-d", "4", "-c", "2d", "-f", "0",
-                                  "--num_labeled_cases", "4", "--disable_tta"], capture_output=True, text=True)
+                                  "--num_labeled_cases", "4", "--head", "autosam", "--disable_tta"],
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     for c in t.val_ids:
         a = sitk.ReadImage(str(HIPPO / "imagesTr" / f"{c}_0000.nii.gz"))
@@ -146,7 +147,7 @@ def test_predict_matches_validation_and_keeps_geometry(trained, hippo_env, tmp_p
     one.mkdir()
     shutil.copy(inp / f"{t.val_ids[0]}_0000.nii.gz", one)
     r = subprocess.run(PREDICT + ["-i", str(one), "-o", str(tmp_path / "out_tta"), "-d", "4", "-c", "2d", "-f", "0",
-                                  "--num_labeled_cases", "4"], capture_output=True, text=True)
+                                  "--num_labeled_cases", "4", "--head", "autosam"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "mirroring test-time augmentation is not applied" in r.stderr
     assert json.loads((tmp_path / "out_tta" / "predict_from_raw_data_args.json").read_text())["tta_applied"] is False
@@ -167,7 +168,7 @@ def test_predict_bad_inputs_are_named_and_others_still_predicted(trained, hippo_
     shutil.copy(HIPPO / "imagesTr" / f"{t.val_ids[1]}_0000.nii.gz", inp / "twochannels_0001.nii.gz")
     out = tmp_path / "out"
     cmd = PREDICT + ["-i", str(inp), "-o", str(out), "-d", "4", "-c", "2d", "-f", "0", "--num_labeled_cases", "4",
-                     "--disable_tta"]
+                     "--head", "autosam", "--disable_tta"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 1
     assert "case broken: " in r.stderr and "broken_0000.nii.gz: cannot be read" in r.stderr
@@ -183,7 +184,7 @@ def test_predict_bad_inputs_are_named_and_others_still_predicted(trained, hippo_
     empty = tmp_path / "empty"
     empty.mkdir()
     r = subprocess.run(PREDICT + ["-i", str(empty), "-o", str(tmp_path / "o2"), "-d", "4", "-c", "2d",
-                                  "--num_labeled_cases", "4"], capture_output=True, text=True)
+                                  "--num_labeled_cases", "4", "--head", "autosam"], capture_output=True, text=True)
     assert r.returncode == 1 and "no cases named CASE_XXXX.nii.gz" in r.stderr
     r = subprocess.run(cmd[:-1] + ["-f", "3"], capture_output=True, text=True)
     assert r.returncode == 1 and "fold 3 has no checkpoint_final.pth" in r.stderr
