@@ -19,9 +19,8 @@ def _setup_logging(verbose: bool = False) -> None:
         handler.setFormatter(logging.Formatter("samunet: %(message)s"))
         handler.samunet_cli = True
         logger.addHandler(handler)
-    for handler in ours:  # a later command in the same process writes to today's stderr (it may be redirected)
-        if handler.stream is not sys.stderr:
-            handler.setStream(sys.stderr)
+    for handler in ours:  # a later command in the same process writes to today's stderr (it may be redirected);
+        handler.stream = sys.stderr  # not setStream: it would flush the old stream, which may be closed by now
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
 
