@@ -63,34 +63,6 @@ def _train_cli(*args, **kw):
     return subprocess.run(TRAIN + ["4", "2d", "0", *args], capture_output=True, text=True, **kw)
 
 
-def test_killed_training_resumes_with_c(trained, hippo_env):
-    args = ["--head", "linear", "--num_labeled_cases", "4", "--epochs", "8", "--iterations_per_epoch", "6",
-            "--batch_size", "8"]
-    out = hippo_env / "samunet_results" / NAME / "samunetTrainer_linear_n4__samunetPlans__2d" / "fold_0"
-    proc = subprocess.Popen(TRAIN + ["4", "2d", "0", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    latest = out / "checkpoint_latest.pth"
-    deadline = time.time() + 240
-    while time.time() < deadline and not latest.is_file():
-        time.sleep(0.05)
-    time.sleep(1.0)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert latest.is_file(), "no checkpoint was written before the kill"
-    assert not (out / "checkpoint_final.pth").exists(), "training finished before it could be killed"
-    from samunet.models.run_checkpoint import load_checkpoint
-    epochs_done = load_checkpoint(latest)["epoch"]
-    assert 1 <= epochs_done < 8
-    r = _train_cli(*args)
-    assert r.returncode == 1 and "--c" in r.stderr  # no silent overwrite of an unfinished run
-    r = _train_cli(*args, "--c")
-    assert r.returncode == 0, r.stderr
-    assert f"resuming from checkpoint_latest.pth after epoch {epochs_done}" in r.stderr
-    state = load_checkpoint(out / "checkpoint_final.pth")
-    assert state["epoch"] == 8 and len(state["log"]["train_loss"]) == 8
-    assert (out / "validation" / "summary.json").is_file()
-
-
 def test_corrupt_and_foreign_checkpoints_are_refused(trained, hippo_env, tmp_path):
     from samunet.models.run_checkpoint import check_compatible, load_checkpoint
     t, _ = trained
@@ -106,17 +78,6 @@ def test_corrupt_and_foreign_checkpoints_are_refused(trained, hippo_env, tmp_pat
     state = load_checkpoint(t.output / "checkpoint_final.pth")
     with pytest.raises(SamunetError, match="head is 'autosam', expected 'cnn'"):
         check_compatible(state, "x", {"head": "cnn"})
-    # a foreign checkpoint put in place of a fold's checkpoint stops --val with a clear message
-    linear = hippo_env / "samunet_results" / NAME / "samunetTrainer_linear_n4__samunetPlans__2d" / "fold_0"
-    target = t.output.parent.parent / "samunetTrainer_autosam_n4__samunetPlans__2d" / "fold_0"
-    backup = tmp_path / "backup.pth"
-    shutil.copyfile(target / "checkpoint_final.pth", backup)
-    try:
-        shutil.copyfile(linear / "checkpoint_final.pth", target / "checkpoint_final.pth")
-        r = _train_cli("--head", "autosam", "--num_labeled_cases", "4", "--val")
-        assert r.returncode == 1 and "does not belong to this run" in r.stderr and "head is 'linear'" in r.stderr
-    finally:
-        shutil.copyfile(backup, target / "checkpoint_final.pth")
 
 
 def test_predict_matches_validation_and_keeps_geometry(trained, hippo_env, tmp_path):
@@ -391,7 +352,7 @@ def test_cached_warp_keeps_image_label_and_embedding_aligned(trained):
     assert warped > unwarped + 0.03, (float(warped), float(unwarped))
 
 
-def test_early_stopping_stops_at_the_plateau_and_resumes_after_a_kill(trained, hippo_env):
+def test_early_stopping_stops_at_the_plateau_and_resumes_after_a_kill(trained, hippo_env, tmp_path):
     from samunet.models.run_checkpoint import load_checkpoint
     base = hippo_env / "samunet_results" / NAME
     # a linear head with one step of 2 slices per epoch stays at background for a while: its moving-average
@@ -421,12 +382,27 @@ def test_early_stopping_stops_at_the_plateau_and_resumes_after_a_kill(trained, h
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "checkpoint_final.pth").exists(), "training finished before it could be killed"
+    epochs_done = load_checkpoint(latest)["epoch"]
+    r = _train_cli(*args)
+    assert r.returncode == 1 and "--c" in r.stderr  # no silent overwrite of an unfinished run
     r = _train_cli(*args, "--c")
     assert r.returncode == 0, r.stderr
+    assert f"resuming from checkpoint_latest.pth after epoch {epochs_done}" in r.stderr
     state = load_checkpoint(out / "checkpoint_final.pth")
     assert state["epoch"] == stopped and state["log"]["stopped_early_after_epoch"] == stopped
     assert state["log"]["lr"] == lr and state["log"]["cooldown"] == cool
     assert state["log"]["pseudo_dice"] == ref["log"]["pseudo_dice"]  # the same batches, the same plateau
+    assert (out / "validation" / "summary.json").is_file() and not latest.exists()
+    # a foreign checkpoint put in place of a fold's checkpoint stops --val with a clear message
+    target = base / "samunetTrainer_autosam_n4__samunetPlans__2d" / "fold_0"
+    backup = tmp_path / "backup.pth"
+    shutil.copyfile(target / "checkpoint_final.pth", backup)
+    try:
+        shutil.copyfile(out / "checkpoint_final.pth", target / "checkpoint_final.pth")
+        r = _train_cli("--head", "autosam", "--num_labeled_cases", "4", "--val")
+        assert r.returncode == 1 and "does not belong to this run" in r.stderr and "head is 'linear'" in r.stderr
+    finally:
+        shutil.copyfile(backup, target / "checkpoint_final.pth")
 
 
 def test_augmented_views_hold_the_exact_embeddings_of_aligned_warped_slices(trained, tmp_path):

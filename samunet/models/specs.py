@@ -88,3 +88,12 @@ HEADS = ("autosam", "cnn", "linear", "hybrid", "unet")
 IMAGE_MODELS = ("unet",)  # trained from scratch on the encoder inputs: no encoder, no embedding cache
 HYBRID_HEADS = ("hybrid",)  # read the slice on their own canvas and the cached embedding
 ENCODER_HEADS = tuple(h for h in HEADS if h not in IMAGE_MODELS + HYBRID_HEADS)  # heads on the embedding alone
+
+
+def uncached_head(spec: EncoderSpec) -> tuple[str, str]:
+    """(head, reason): the head for embeddings computed on the fly, where the hybrid head (which reads the cache)
+    cannot train: AutoSAM where the encoder ships a pretrained mask decoder to start from, else the CNN head."""
+    if spec.pretrained_decoder:
+        return "autosam", (f"{spec.name} ships a pretrained SAM mask decoder: the AutoSAM head starts from it and "
+                           "segments all classes in one pass")
+    return "cnn", f"{spec.name} has no pretrained mask decoder to start an AutoSAM head from"

@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from samunet import __version__
-from samunet.models.specs import HEADS, EncoderSpec, get_encoder_spec
+from samunet.models.specs import HEADS, EncoderSpec, get_encoder_spec, uncached_head
 from samunet.models.hybrid import hybrid_block
 from samunet.models.unet import canvas_block
 from samunet.utils import SamunetError, stable_hash
@@ -199,11 +199,8 @@ def _configuration(name: str, context: int, embedding_context: int, fingerprint:
     if cache:
         head, head_reason = "hybrid", (f"the embeddings are cached, which the hybrid head (a U-Net on the slice fed "
                                        f"the frozen embedding at every scale) reads; {PLATEAU_EVIDENCE}")
-    elif spec.pretrained_decoder:
-        head, head_reason = "autosam", (f"{spec.name} ships a pretrained SAM mask decoder: the AutoSAM head starts "
-                                        "from it and segments all classes in one pass")
     else:
-        head, head_reason = "cnn", f"{spec.name} has no pretrained mask decoder to start an AutoSAM head from"
+        head, head_reason = uncached_head(spec)
     if opts.get("head"):
         head, head_reason = opts["head"], "set by the user (--head)"
     normalisation = _normalisation(fingerprint)

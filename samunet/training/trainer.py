@@ -24,7 +24,7 @@ from samunet.training.cached_augmentation import WarpParams
 from samunet.training.data import BackgroundBatches, CachedData, OnTheFlyData
 from samunet.training.distributed import init_distributed, shard
 from samunet.training.scale_out import ScaleOut
-from samunet.models.specs import HEADS, HYBRID_HEADS, IMAGE_MODELS
+from samunet.models.specs import HEADS, HYBRID_HEADS, IMAGE_MODELS, get_encoder_spec, uncached_head
 from samunet.training.loop import EpochLoop
 from samunet.training.losses import confusion_counts, dice_ce_loss
 from samunet.training.progress import TextLog, new_log
@@ -66,8 +66,7 @@ class Trainer(EpochLoop, ScaleOut):
             raise SamunetError(f"unknown head '{self.head_name}' (choose {', '.join(HEADS)})")
         if head is None and use_cache is False and self.head_name in HYBRID_HEADS:
             # the plans' default reads the cache; without it, the head the planner picks for uncached embeddings
-            from samunet.models.specs import get_encoder_spec
-            self.head_name = "autosam" if get_encoder_spec(self.plans["encoder"]["name"]).pretrained_decoder else "cnn"
+            self.head_name = uncached_head(get_encoder_spec(self.plans["encoder"]["name"]))[0]
             logger.info("--no_cache: the plans' %s head reads cached embeddings; training the %s head instead",
                         self.config["head"], self.head_name)
         self.num_epochs = int(epochs or self.config["num_epochs"])
