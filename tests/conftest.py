@@ -133,7 +133,7 @@ def trained(_hippo_trained, hippo_env):
 @pytest.fixture(scope="session")
 def hippo_cli_prediction(_hippo_trained, tmp_path_factory):
     """``samunet_predict`` (a subprocess, default options) with the session's model on its first validation case:
-    (case, input folder, output folder)."""
+    (case, input folder, output folder, the command's stderr)."""
     import subprocess
     import sys
     root, t, _ = _hippo_trained
@@ -146,4 +146,4 @@ def hippo_cli_prediction(_hippo_trained, tmp_path_factory):
                         "--head", "autosam"],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
-    return case, inp, out
+    return case, inp, out, r.stderr

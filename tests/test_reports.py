@@ -92,7 +92,7 @@ def test_report_of_a_fold_validation_opens_in_headless_chromium_with_its_images(
 def test_report_and_overlays_of_an_evaluated_samunet_predict_folder(trained, hippo_cli_prediction, tmp_path):
     from samunet.evaluation.cli import evaluate_folder_entry
     t, _ = trained
-    case, _, out = hippo_cli_prediction
+    case, _, out, _ = hippo_cli_prediction
     pred = tmp_path / "pred"
     shutil.copytree(out, pred)  # the session's prediction stays as it is
     gt = tmp_path / "gt"

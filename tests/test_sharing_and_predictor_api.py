@@ -44,7 +44,7 @@ def _rezip(src, dst, manifest_edit=None, extra=None):
 def test_predict_single_npy_array_equals_samunet_predict(trained, hippo_cli_prediction):
     from samunet.inference.samunet_predictor import SamunetPredictor
     t, _ = trained
-    case, _, out = hippo_cli_prediction
+    case, _, out, _ = hippo_cli_prediction
     img = sitk.ReadImage(str(HIPPO / "imagesTr" / f"{case}_0000.nii.gz"))  # as a viewer holds it: an array
     image = sitk.GetArrayFromImage(img)[None].astype(np.float32)        # (C, Z, Y, X) and its spacing
     predictor = SamunetPredictor(device="cpu").initialize_from_trained_model_folder(t.model_dir, [0])
@@ -89,7 +89,7 @@ def test_exported_model_installs_into_empty_results_and_predicts_identically(exp
     assert enc["weights_sha256"] == t.encoder.weights_sha256
     assert fingerprint["dims"] == [3] and "case_identifiers" not in fingerprint and "spacings" not in fingerprint
 
-    case, inp, cli_out = hippo_cli_prediction
+    case, inp, cli_out, _ = hippo_cli_prediction
     original = t.model_dir
     empty = tmp_path / "other_results"
     empty.mkdir()

@@ -80,7 +80,7 @@ def test_corrupt_and_foreign_checkpoints_are_refused(trained, hippo_env, tmp_pat
         check_compatible(state, "x", {"head": "cnn"})
 
 
-def test_predict_matches_validation_and_keeps_geometry(trained, hippo_env, tmp_path):
+def test_predict_matches_validation_and_keeps_geometry(trained, hippo_env, hippo_cli_prediction, tmp_path):
     t, _ = trained
     inp = tmp_path / "in"
     inp.mkdir()
@@ -103,18 +103,12 @@ def test_predict_matches_validation_and_keeps_geometry(trained, hippo_env, tmp_p
     # validation used float16 cached embeddings, prediction recomputes them: the same up to rounding
     assert abs(predicted - validated) < 0.01, (predicted, validated)
     # a head trained on cached embeddings never saw mirrored slices: mirroring TTA is not applied to it (it would
-    # swap anterior and posterior), so the default prediction gives the same labels, with a warning
-    one = tmp_path / "one"
-    one.mkdir()
-    shutil.copy(inp / f"{t.val_ids[0]}_0000.nii.gz", one)
-    r = subprocess.run(PREDICT + ["-i", str(one), "-o", str(tmp_path / "out_tta"), "-d", "4", "-c", "2d", "-f", "0",
-                                  "--num_labeled_cases", "4", "--head", "autosam"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert "mirroring test-time augmentation is not applied" in r.stderr
-    assert json.loads((tmp_path / "out_tta" / "predict_from_raw_data_args.json").read_text())["tta_applied"] is False
-    name = f"{t.val_ids[0]}.nii.gz"
-    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out_tta" / name))),
-                          sitk.GetArrayFromImage(sitk.ReadImage(str(out / name))))
+    # swap anterior and posterior), so the default prediction (the session's, of the first validation case) gives
+    # the same labels, with a warning
+    case, _, default_out, stderr = hippo_cli_prediction
+    assert "mirroring test-time augmentation is not applied" in stderr
+    assert json.loads((default_out / "predict_from_raw_data_args.json").read_text())["tta_applied"] is False
+    assert np.array_equal(_read(default_out / f"{case}.nii.gz"), _read(out / f"{case}.nii.gz"))
 
 
 def test_predict_bad_inputs_are_named_and_others_still_predicted(trained, hippo_env, tmp_path):
