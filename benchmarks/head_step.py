@@ -1,11 +1,15 @@
 """Cost of one training step of each embedding head on the CPU, beside nnU-Net's 2d network in the same run.
 
-    python benchmarks/head_step.py [--batch 8] [--input_size 256] [--threads 1] [--steps 3] [--no_nnunet]
+    python benchmarks/head_step.py [--batch 8] [--input_size 256] [--canvas Q] [--threads 1] [--steps 3] [--no_nnunet]
 
 Rows:
 * every embedding head (``autosam``, ``cnn``, ``linear``) as samunet trains it: a batch of LiteMedSAM-shaped
   embeddings with random values, 3-class labels at the encoder's input size, Dice + cross-entropy, AdamW and
   gradient clipping;
+* the ``hybrid`` head and the from-scratch ``unet``: the same embeddings (hybrid) and random 3-channel images on
+  their Q x Q canvas (``--canvas``; default the encoder input, as in sliding-window mode, where Q = P), with
+  the topology the planner gives that canvas (nnU-Net's 2d rule), labels at Q, and nnU-Net's SGD as samunet
+  trains them; the Hippocampus plans' setting is ``--input_size 128 --canvas 64``;
 * ``autosam, segment-anything order``: the same head with the same weights, its decoder computed as
   segment-anything computes it (every image token projected to the attention width, NCHW transposed convolutions).
   It is the reference of the ``speed-up`` column, and the row shows what `models/token_attention.py` saves;
@@ -15,7 +19,8 @@ Rows:
   the heads' data loading.
 
 Process CPU time with one thread: far less disturbed by other load than wall time. The best of ``--steps`` steps
-after a warm-up. Writes benchmarks/results/head_step.{json,md}.
+after a warm-up. Writes benchmarks/results/head_step.{json,md} (other batch, input or canvas settings:
+head_step_b{B}_{P}px_canvas{Q}.{json,md}).
 """
 from __future__ import annotations
 
@@ -88,10 +93,11 @@ def reference_decode(head, x):
     return (hyper @ up.flatten(2)).view(b, hyper.shape[1], up.shape[2], up.shape[3])
 
 
-def time_step(forward, params, target, steps: int) -> dict:
+def time_step(forward, params, target, steps: int, sgd: bool = False) -> dict:
     import torch
     from samunet.training.losses import dice_ce_loss
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
+    opt = torch.optim.SGD(params, lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5) if sgd else \
+        torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
     best = {"forward": float("inf"), "backward": float("inf"), "optimiser": float("inf")}
     for step in range(steps + 1):
         opt.zero_grad()
@@ -115,26 +121,41 @@ def main(argv=None) -> dict:
     p.add_argument("--input_size", type=int, default=256, help="encoder input size (grid = size / 4)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--heads", default="autosam,cnn,linear")
+    p.add_argument("--canvas", type=int, default=None,
+                   help="the hybrid head's and the U-Net's canvas Q (default: the encoder input size)")
+    p.add_argument("--heads", default="autosam,cnn,linear,hybrid,unet")
     p.add_argument("--no_nnunet", action="store_true")
     a = p.parse_args(argv)
     import torch
     sys.path.insert(0, str(ROOT))
     from samunet.models.encoders import build_encoder
-    from samunet.models.heads import build_head
+    from samunet.models.for_plans import build_model
+    from samunet.models.unet import unet_block
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     encoder = build_encoder("lite_medsam", optimise="exact", input_size=a.input_size)
     grid = encoder.grid_size
     emb = torch.randn(a.batch, encoder.embed_dim, grid, grid)
     target = torch.randint(0, 3, (a.batch, a.input_size, a.input_size))
+    q = int(a.canvas or a.input_size)
+    arch = {**unet_block([q, q]), "canvas_size": q}
+    images = torch.randn(a.batch, 3, q, q)
+    target_q = torch.randint(0, 3, (a.batch, q, q))
     rows = []
     names = [h for h in a.heads.split(",") if h]
     for name in names:
-        head = build_head(name, encoder, 3)
-        rows.append({"head": name, "parameters": sum(q.numel() for q in head.parameters()),
-                     **time_step(lambda: head(emb), list(head.parameters()), target, a.steps),
-                     "input": f"{a.batch} x {a.input_size} px"})
+        if name == "hybrid":
+            head = build_model(name, encoder, 3, hybrid_architecture=arch)
+            forward, tgt, inp = (lambda: head(emb, images)), target_q, f"{a.batch} x {a.input_size} px + {q} px canvas"
+        elif name == "unet":
+            head = build_model(name, None, 3, unet_architecture=arch)
+            forward, tgt, inp = (lambda: head(images)), target_q, f"{a.batch} x {q} px canvas"
+        else:
+            head = build_model(name, encoder, 3)
+            forward, tgt, inp = (lambda: head(emb)), target, f"{a.batch} x {a.input_size} px"
+        rows.append({"head": name, "parameters": sum(w.numel() for w in head.parameters()),
+                     **time_step(forward, list(head.parameters()), tgt, a.steps, sgd=name in ("hybrid", "unet")),
+                     "input": inp})
         print(rows[-1], flush=True)
         if name == "autosam":
             ref = time_step(lambda: head.to_input_size(reference_decode(head, emb)), list(head.parameters()),
@@ -158,14 +179,19 @@ def main(argv=None) -> dict:
     if nnunet_note:
         print(nnunet_note)
     report = {"command": "python benchmarks/head_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "batch": a.batch, "input_size": a.input_size, "threads": a.threads, "torch": torch.__version__,
+              "batch": a.batch, "input_size": a.input_size, "canvas": q, "threads": a.threads,
+              "torch": torch.__version__,
               "rows": rows, "note": nnunet_note, "loadavg": open("/proc/loadavg").read().split()[:3]}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "head_step.json").write_text(json.dumps(report, indent=2) + "\n")
+    # the default setting writes head_step.{json,md}; others a name that says theirs
+    name = "head_step" if (a.batch, a.input_size, q) == (8, 256, 256) else \
+        f"head_step_b{a.batch}_{a.input_size}px_canvas{q}"
+    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = ["# One training step per head (CPU)", "",
              f"`{report['command']}`: {a.threads} thread(s), process CPU time, best of {a.steps} steps after a "
              f"warm-up; heads on random LiteMedSAM-shaped embeddings (B, 256, {grid}, {grid}) with labels at "
-             f"{a.input_size} px; load average {' '.join(report['loadavg'])}.", "",
+             f"{a.input_size} px; the hybrid head and the U-Net on random images and labels on a {q} px canvas "
+             f"(nnU-Net's 2d topology for it, SGD); load average {' '.join(report['loadavg'])}.", "",
              "| head | input | parameters | forward (s) | backward (s) | optimiser (s) | step (s) | speed-up |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -179,7 +205,7 @@ def main(argv=None) -> dict:
     if auto:
         lines += ["", f"autosam step speed-up {auto['speed_up_over_reference']:.2f}x over segment-anything's order "
                   "of products (same weights, same run)"]
-    (RESULTS / "head_step.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     if auto:
         print(lines[-1])
     return report
