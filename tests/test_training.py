@@ -269,14 +269,14 @@ def test_apply_postprocessing_removes_stray_components_only(trained, hippo_env, 
 def test_hybrid_head_trains_on_the_cache_and_predicts_like_its_validation(trained, hippo_env, tmp_path):
     from samunet.models.run_checkpoint import load_checkpoint
     from samunet.training.trainer import run_training
-    t = run_training(4, "2d", 0, head="hybrid", epochs=10, iterations_per_epoch=12, num_labeled_cases=4,
+    t = run_training(4, "2d", 0, head="hybrid", epochs=5, iterations_per_epoch=24, num_labeled_cases=4,
                      batch_size=8, patience=0, augmented_views=0)
     cfg = t.config
     # the planner's rule: a 64 px canvas for slices of about 36 x 50 px, the 128 px encoder input's embedding
     assert cfg["hybrid"]["canvas_size"] == 64 and t.head.input_size == 64 and "canvas_reason" in cfg["hybrid"]
     assert isinstance(t.optimizer, __import__("torch").optim.SGD)
     summary = json.loads((t.output / "validation" / "summary.json").read_text())
-    # 120 steps of 8 slices on 4 labelled volumes: far from converged, but clearly segmenting both classes
+    # 120 steps of 8 slices on 4 labelled volumes (5 epochs): far from converged, but segmenting both classes
     assert summary["foreground_mean"]["Dice"] > 0.5, summary["mean"]
     assert min(v["Dice"] for v in summary["mean"].values()) > 0.3, summary["mean"]
     state = load_checkpoint(t.output / "checkpoint_final.pth")
