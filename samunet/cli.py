@@ -299,29 +299,16 @@ def predict_entry(argv=None):
     _setup_logging()
     from samunet.paths import resolve_dataset_name, results_folder
     from samunet.training.trainer import model_folder, trainer_name
-    from samunet.utils import load_json
     name = resolve_dataset_name(a.d)
     if a.tr is not None:
         from samunet.inference.predict import check_trainer_name
         check_trainer_name(a.tr, a.head, a.num_labeled_cases)
         return _predict(a, model_folder(name, a.tr, a.p, a.c))
-    head = a.head
-    if head is None:  # the plans' head where it was trained, else the one head that was
-        candidates = sorted((results_folder() / name).glob(f"samunetTrainer_*__{a.p}__{a.c}"))
-        plans_file = candidates[0] / "plans.json" if candidates else None
-        if plans_file is None or not plans_file.is_file():
-            raise SamunetError(f"no trained model for {name} configuration {a.c} in {results_folder() / name}")
-        head = load_json(plans_file)["configurations"][a.c]["head"]
-        trained = [h for h in HEADS if model_folder(name, trainer_name(h, a.num_labeled_cases), a.p, a.c).is_dir()]
-        if head not in trained and len(trained) == 1:
-            logging.getLogger("samunet").info("the plans' %s head was not trained; using the trained %s head",
-                                              head, trained[0])
-            head = trained[0]
-        elif head not in trained and trained:
-            raise SamunetError(f"the plans' {head} head has no trained model "
-                               f"{trainer_name(head, a.num_labeled_cases)} for {name} configuration {a.c}; "
-                               f"trained heads: {', '.join(trained)}; choose one with --head")
-    _predict(a, model_folder(name, trainer_name(head, a.num_labeled_cases), a.p, a.c))
+    if a.head is None:  # the plans' head where it was trained, else the one head that was
+        from samunet.inference.predict import default_trainer
+        return _predict(a, model_folder(name, default_trainer(results_folder() / name, a.c, a.p,
+                                                              a.num_labeled_cases), a.p, a.c))
+    _predict(a, model_folder(name, trainer_name(a.head, a.num_labeled_cases), a.p, a.c))
 
 
 @_entry

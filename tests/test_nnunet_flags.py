@@ -84,6 +84,12 @@ def test_predict_without_head_takes_the_plans_head_or_the_only_trained_one(train
                  "for Dataset004_Hippocampus configuration 2d; trained heads: autosam, cnn; choose one with --head")
         folders[1].rmdir()
         _refused(capsys, predict_entry, argv, "samunetTrainer_autosam_n9__samunetPlans__2d")  # the only one, used
+        # samunet_accumulate_crossval_results follows the same rule (its models have no _n suffix)
+        plain = results_folder() / "Dataset004_Hippocampus" / "samunetTrainer_cnn__samunetPlans__2d"
+        folders.append(plain)
+        plain.mkdir()
+        _refused(capsys, accumulate_crossval_results_entry, ["-d", "4", "-c", "2d", "-f", "0"],
+                 "samunetTrainer_cnn__samunetPlans__2d: no final validation for fold(s) 0")
     finally:
         for f in folders:
             shutil.rmtree(f, ignore_errors=True)

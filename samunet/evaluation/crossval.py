@@ -10,7 +10,7 @@ from pathlib import Path
 
 from samunet.evaluation.evaluate import evaluate_folder
 from samunet.evaluation.find_best import _gather
-from samunet.inference.predict import check_trainer_name
+from samunet.inference.predict import check_trainer_name, default_trainer
 from samunet.paths import preprocessed_folder, resolve_dataset_name, results_folder
 from samunet.utils import SamunetError, load_json
 
@@ -18,14 +18,11 @@ from samunet.utils import SamunetError, load_json
 def accumulate_crossval_results(dataset, configuration: str, trainer: str | None = None, plans_name="samunetPlans",
                                 folds=(0, 1, 2, 3, 4), output_folder=None) -> dict:
     """Evaluate the folds' validations of ``TRAINER__PLANS__CONFIGURATION`` together; returns the summary.
-    ``trainer`` defaults to the one of the plans' head."""
+    ``trainer`` defaults to that of the plans' head where it was trained, else of the only trained head."""
     name = resolve_dataset_name(dataset)
     base = results_folder() / name
     if trainer is None:
-        found = sorted(base.glob(f"samunetTrainer_*__{plans_name}__{configuration}"))
-        if not found:
-            raise SamunetError(f"{base}: no trained model for configuration {configuration}")
-        trainer = f"samunetTrainer_{load_json(found[0] / 'plans.json')['configurations'][configuration]['head']}"
+        trainer = default_trainer(base, configuration, plans_name)
     check_trainer_name(trainer)
     model_dir = base / f"{trainer}__{plans_name}__{configuration}"
     folds = [str(f) for f in folds]
