@@ -443,6 +443,8 @@ def markdown(report: dict) -> str:
             per = " / ".join(f"{c['dice_per_class'][k]:.3f}" for k in sorted(c["dice_per_class"], key=int))
             its = f", {c['iterations_done']} it" if report.get("plateau") and c.get("iterations_done") else ""
             rising = " (still rising)" if c.get("still_rising") else ""
+            if report.get("plateau") and c.get("stopped_early") is False and c.get("epochs_done") == c.get("epochs"):
+                rising = " (at the epoch cap: no plateau within it)"
             if c.get("fewer_iterations_than_longest_samunet_cell"):
                 rising += f" (fewer than the column's longest samunet cell, {c['fewer_iterations_than_longest_samunet_cell']} it)"
             pre = f" + {fmt_time(c['pretraining_time_s'])} pre-training" if "pretraining_time_s" in c else ""
@@ -460,7 +462,8 @@ def markdown(report: dict) -> str:
             "Budgets (epochs x iterations x batch):"]
     cap = "at most " if report.get("plateau") else ""
     stop = lambda k: (f", stopped early once the moving-average pseudo-Dice had not improved for "  # noqa: E731
-                      f"{b[k]['patience']} epochs") if b[k].get("patience") else ""
+                      f"{b[k]['patience']} epochs ('at the epoch cap' marks a cell that never stopped early)") \
+        if b[k].get("patience") else ""
     if "heads" in b:
         text.append(f"- heads: {cap}{b['heads']['epochs']} x {b['heads']['iterations']} x {b['heads']['batch_size']} "
                     f"on cached embeddings of the frozen encoder{stop('heads')}")
