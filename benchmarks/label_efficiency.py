@@ -200,7 +200,7 @@ def pretrain_cell(a, config: str, budget: dict, work: Path) -> dict:
     """``samunet_pretrain`` for the fold (once; resumed if interrupted): its checkpoint and time."""
     from samunet.models.run_checkpoint import load_checkpoint
     from samunet.training.pretrain import PRETRAINER
-    from samunet.training.trainer import model_folder
+    from samunet.paths import model_folder
     out = model_folder(a.dataset_name, PRETRAINER, "samunetPlans", config) / f"fold_{a.fold}"
     final = out / "checkpoint_final.pth"
     cell_file = work / "cells" / f"pretrain_{config}.json"
@@ -228,7 +228,7 @@ def pretrain_cell(a, config: str, budget: dict, work: Path) -> dict:
 def samunet_cell(a, method: str, n: str, expected_train: list[str], val: list[str], budget: dict, ending: str,
                  raw: Path, work: Path, pretrained: dict | None = None) -> dict:
     from samunet.models.run_checkpoint import load_checkpoint
-    from samunet.training.trainer import model_folder, trainer_name
+    from samunet.paths import model_folder, trainer_name
     head, config = split_method(method)
     if head == SSL:
         head = "unet"

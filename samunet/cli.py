@@ -297,18 +297,17 @@ def predict_entry(argv=None):
                    help="use the models trained with --num_labeled_cases N")
     a = p.parse_args(argv)
     _setup_logging()
-    from samunet.paths import resolve_dataset_name, results_folder
-    from samunet.training.trainer import model_folder, trainer_name
+    from samunet.inference.predict import check_trainer_name, default_trainer
+    from samunet.paths import model_folder, resolve_dataset_name, trainer_name
     name = resolve_dataset_name(a.d)
     if a.tr is not None:
-        from samunet.inference.predict import check_trainer_name
         check_trainer_name(a.tr, a.head, a.num_labeled_cases)
-        return _predict(a, model_folder(name, a.tr, a.p, a.c))
-    if a.head is None:  # the plans' head where it was trained, else the one head that was
-        from samunet.inference.predict import default_trainer
-        return _predict(a, model_folder(name, default_trainer(results_folder() / name, a.c, a.p,
-                                                              a.num_labeled_cases), a.p, a.c))
-    _predict(a, model_folder(name, trainer_name(a.head, a.num_labeled_cases), a.p, a.c))
+        trainer = a.tr
+    elif a.head is not None:
+        trainer = trainer_name(a.head, a.num_labeled_cases)
+    else:  # the plans' head where it was trained, else the one head that was
+        trainer = default_trainer(name, a.c, a.p, a.num_labeled_cases)
+    _predict(a, model_folder(name, trainer, a.p, a.c))
 
 
 @_entry

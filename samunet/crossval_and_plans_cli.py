@@ -14,8 +14,8 @@ def accumulate_crossval_results_entry(argv=None):
                                             "crossval_results_folds_<folds>/ and evaluate them together.")
     p.add_argument("-d", required=True, help="data set id or name")
     p.add_argument("-c", required=True, help="configuration")
-    p.add_argument("-tr", default=None, help="trainer name, e.g. samunetTrainer_autosam (default: the plans' head, or the only "
-                                          "trained head)")
+    p.add_argument("-tr", default=None, help="trainer name, e.g. samunetTrainer_autosam (default: the plans' head, "
+                                             "or the only trained head)")
     p.add_argument("--head", default=None, choices=HEADS, help="the same as -tr samunetTrainer_<head>")
     p.add_argument("-p", default="samunetPlans", help="plans name (default samunetPlans)")
     p.add_argument("-f", nargs="+", default=["0", "1", "2", "3", "4"], help="folds (default 0 1 2 3 4)")

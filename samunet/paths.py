@@ -91,3 +91,13 @@ def resolve_dataset_name(dataset: str | int) -> str:
     if len(found) > 1:
         raise SamunetError(f"data set id {dataset_id} is ambiguous: {', '.join(found)}; pass the full name")
     return found[0]
+
+
+def trainer_name(head: str, num_labeled_cases: int | None = None, pretrained: bool = False) -> str:
+    """``samunetTrainer_<head>[_ssl][_n<N>]``; ``_ssl``: the U-Net fine-tuned from ``samunet_pretrain`` weights."""
+    return f"samunetTrainer_{head}" + ("_ssl" if pretrained else "") + \
+        (f"_n{num_labeled_cases}" if num_labeled_cases else "")
+
+
+def model_folder(dataset_name: str, trainer: str, plans_name: str, config: str) -> Path:
+    return results_folder() / dataset_name / f"{trainer}__{plans_name}__{config}"

@@ -22,7 +22,7 @@ def accumulate_crossval_results(dataset, configuration: str, trainer: str | None
     name = resolve_dataset_name(dataset)
     base = results_folder() / name
     if trainer is None:
-        trainer = default_trainer(base, configuration, plans_name)
+        trainer = default_trainer(name, configuration, plans_name)
     check_trainer_name(trainer)
     model_dir = base / f"{trainer}__{plans_name}__{configuration}"
     folds = [str(f) for f in folds]

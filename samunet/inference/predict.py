@@ -57,29 +57,29 @@ def check_trainer_name(trainer: str, head: str | None = None, num_labeled_cases:
     return m.group(1)
 
 
-def default_trainer(results_dir: Path, configuration: str, plans_name: str = "samunetPlans",
+def default_trainer(dataset_name: str, configuration: str, plans_name: str = "samunetPlans",
                     num_labeled_cases: int | None = None) -> str:
     """The trainer a command uses when neither ``-tr`` nor ``--head`` is given: that of the plans' head where it
     was trained, else that of the only trained head (logged); with several other heads trained, an error naming
-    them. ``results_dir``: the data set's folder under samunet_results."""
+    them."""
     from samunet.models.specs import HEADS
-    suffix = f"_n{num_labeled_cases}" if num_labeled_cases else ""
-    results_dir = Path(results_dir)
+    from samunet.paths import model_folder, results_folder, trainer_name
+    results_dir = results_folder() / dataset_name
     found = sorted(results_dir.glob(f"samunetTrainer_*__{plans_name}__{configuration}"))
     plans_file = next((f / "plans.json" for f in found if (f / "plans.json").is_file()), None)
     if plans_file is None:
-        raise SamunetError(f"no trained model for {results_dir.name} configuration {configuration} in {results_dir}")
+        raise SamunetError(f"no trained model for {dataset_name} configuration {configuration} in {results_dir}")
     head = load_json(plans_file)["configurations"][configuration]["head"]
     trained = [h for h in HEADS
-               if (results_dir / f"samunetTrainer_{h}{suffix}__{plans_name}__{configuration}").is_dir()]
+               if model_folder(dataset_name, trainer_name(h, num_labeled_cases), plans_name, configuration).is_dir()]
     if head not in trained and len(trained) == 1:
         logger.info("the plans' %s head was not trained; using the trained %s head", head, trained[0])
         head = trained[0]
     elif head not in trained and trained:
-        raise SamunetError(f"the plans' {head} head has no trained model samunetTrainer_{head}{suffix} for "
-                           f"{results_dir.name} configuration {configuration}; trained heads: {', '.join(trained)}; "
+        raise SamunetError(f"the plans' {head} head has no trained model {trainer_name(head, num_labeled_cases)} "
+                           f"for {dataset_name} configuration {configuration}; trained heads: {', '.join(trained)}; "
                            "choose one with --head")
-    return f"samunetTrainer_{head}{suffix}"
+    return trainer_name(head, num_labeled_cases)
 
 
 class EnsemblePredictor:

@@ -32,7 +32,8 @@ import torch
 from samunet.models.run_checkpoint import check_compatible, load_checkpoint
 from samunet.training.data import OnTheFlyData, uniform_sampling
 from samunet.training.splits import get_split
-from samunet.training.trainer import Trainer, model_folder
+from samunet.paths import model_folder
+from samunet.training.trainer import Trainer
 from samunet.utils import SamunetError
 
 PRETRAINER = "samunetPretrainer_mim"

@@ -30,7 +30,8 @@ from samunet.training.loop import EpochLoop
 from samunet.training.progress import TextLog, new_log
 from samunet.training.prompted_data import KINDS, PromptedData, pad_points
 from samunet.training.splits import get_split, labeled_subset
-from samunet.training.trainer import DEFAULT_PATIENCE, model_folder
+from samunet.paths import model_folder
+from samunet.training.trainer import DEFAULT_PATIENCE
 from samunet.utils import SamunetError, load_json, save_json
 
 HEAD = "prompted"

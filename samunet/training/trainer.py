@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from samunet.models.for_plans import build_encoder_for_plans, build_model
-from samunet.paths import preprocessed_folder, resolve_dataset_name, results_folder
+from samunet.paths import model_folder, preprocessed_folder, resolve_dataset_name, trainer_name
 from samunet.planning.plans import get_configuration, load_plans
 from samunet.preprocessing.embedding_cache import EmbeddingCache
 from samunet.training.augmented_views import AugmentedViews, views_budget, views_for
@@ -36,16 +36,6 @@ logger = logging.getLogger("samunet")
 DEFAULT_PATIENCE = 20  # for plans written before the planner recorded early_stopping_patience
 VAL_ROWS_CACHED = 512
 VAL_ROWS_ON_THE_FLY = 48
-
-
-def trainer_name(head: str, num_labeled_cases: int | None = None, pretrained: bool = False) -> str:
-    """``samunetTrainer_<head>[_ssl][_n<N>]``; ``_ssl``: the U-Net fine-tuned from ``samunet_pretrain`` weights."""
-    return f"samunetTrainer_{head}" + ("_ssl" if pretrained else "") + \
-        (f"_n{num_labeled_cases}" if num_labeled_cases else "")
-
-
-def model_folder(dataset_name: str, trainer: str, plans_name: str, config: str) -> Path:
-    return results_folder() / dataset_name / f"{trainer}__{plans_name}__{config}"
 
 
 class Trainer(EpochLoop, ScaleOut):
