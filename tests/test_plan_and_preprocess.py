@@ -7,7 +7,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 import SimpleITK as sitk
 
 from conftest import DRIVE, EM, HIPPO, copy_dataset, hippo_cases, tree_snapshot
@@ -223,7 +222,6 @@ def test_killed_preprocessing_resumes_without_damage(samunet_dirs):
 
 
 def test_convert_msd_splits_4d_images(samunet_dirs, tmp_path):
-    from samunet.dataset.convert_msd import convert_msd
     task = tmp_path / "Task09_TwoChannel"
     for sub in ("imagesTr", "labelsTr", "imagesTs"):
         (task / sub).mkdir(parents=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from samunet.utils import atomic_write_bytes, save_json
-from samunet.zeroshot.evaluate import CLICK_TARGETS, MODES
+from samunet.zeroshot.evaluate import CLICK_TARGETS
 
 FACTORS = ("area", "compactness", "contrast", "aspect_ratio")
 MODE_TITLES = {"everything_pred_iou": "everything (predicted-IoU match)", "everything_oracle": "everything (oracle match)",
