@@ -24,7 +24,7 @@ heads reading the cached embeddings instead of re-encoding
 every slice; ``--crosscheck_predict`` re-predicts one cell with ``samunet_predict`` to show both agree.
 
 The run is resumable: finished cells are skipped, interrupted ones are continued (``--c``). Results go to
-``benchmarks/results/label_efficiency_<dataset>_fold<K>[_quick].{json,md,png}``.
+``benchmarks/results/label_efficiency_<dataset>_fold<K>[_quick|_plateau][<suffix>].{json,md,png}``.
 
 Environment: ``samunet_raw`` (the raw data set must also be in nnU-Net's raw format, which samunet's is),
 ``samunet_preprocessed`` (planned and preprocessed, embedding cache built for the heads) and ``samunet_results``
@@ -589,6 +589,10 @@ def main(argv=None):
                         "compare its Dice with the final-validation files")
     p.add_argument("--report_only", action="store_true",
                    help="train nothing: write the report from the cells that have finished (others show as missing)")
+    p.add_argument("--suffix", default="",
+                   help="appended to the names of the results and of the work folder: a second study of the same "
+                        "fold under another budget (e.g. --epochs 200 --suffix _e200) keeps its own cells; give it "
+                        "its own samunet_results too")
     p.add_argument("--out", default=str(HERE / "results"))
     a = p.parse_args(argv)
     t_start = time.time()
@@ -655,7 +659,9 @@ def main(argv=None):
         if a.nnunet_val_iterations is None:
             nn_b["val_iterations"] = 5
     tag = f"label_efficiency_{a.dataset_name.split('_')[0].replace('Dataset', '')}_fold{a.fold}" + \
-        ("_quick" if a.quick else "_plateau" if a.plateau else "")
+        ("_quick" if a.quick else "_plateau" if a.plateau else "") + a.suffix
+    if a.suffix and not re.fullmatch(r"[A-Za-z0-9_.-]+", a.suffix):
+        raise SystemExit(f"--suffix {a.suffix!r}: letters, digits, '_', '.' and '-' only")
     work = HERE / "work" / tag
     work.mkdir(parents=True, exist_ok=True)
     out_dir = Path(a.out)
@@ -686,16 +692,19 @@ def main(argv=None):
                     if len(done) < len(methods) - 1 and not a.report_only:
                         log(f"nnunet n={s}: waits until every samunet cell of the column has finished")
                         continue
-                    longest = max(done) if done else nn_b["iterations"]
+                    # nnU-Net alone in a column (no samunet cell finished yet): the column's cap, which no
+                    # samunet cell can exceed
+                    longest = max(done) if done else max(b["epochs"] * b["iterations"] for b in (heads_b, unet_b))
                     column_nn = NnUNet(a, work, {**nn_b, "epochs": -(-longest // nn_b["iterations"])})
                 idx = column_nn.split_index(splits, a.fold, subsets[s], val)  # 'all' finds fold K itself
                 cell = column_nn.cell(s, idx, subsets[s], val, ending, a.raw)
-                if cell is None and a.plateau and a.report_only:  # a longer samunet cell finished after nnU-Net's
-                    shorter = column_nn.longest_finished(idx, val, ending)
-                    if shorter is not None:
-                        cell = NnUNet(a, work, {**nn_b, "epochs": shorter}).cell(s, idx, subsets[s], val, ending,
+                if cell is None and a.plateau and a.report_only:  # no run of that length: the longest finished
+                    finished = column_nn.longest_finished(idx, val, ending)
+                    if finished is not None:
+                        cell = NnUNet(a, work, {**nn_b, "epochs": finished}).cell(s, idx, subsets[s], val, ending,
                                                                                  a.raw)
-                        cell["fewer_iterations_than_longest_samunet_cell"] = longest
+                        if finished * nn_b["iterations"] < longest:
+                            cell["fewer_iterations_than_longest_samunet_cell"] = longest
             else:
                 pretrained = None
                 if split_method(m)[0] == SSL:
