@@ -433,3 +433,32 @@ def test_bf16_only_where_the_cpu_has_it():
             optimise_for_inference(enc, precision="bf16")
     with pytest.raises(ValueError):
         optimise_for_inference(enc, precision="fp8")
+
+
+def test_int8_path_is_faster_arithmetic_with_its_own_identity(lite, hippo_input, reference_embedding, hippo_slice):
+    from samunet.models.for_plans import build_encoder_for_plans
+    q = build_encoder_for_plans({"encoder": {"name": "lite_medsam", "cpu_precision": "int8"}},
+                                {"encoder_input_size": 256}, "cpu")
+    assert q.precision == "int8" and encoder_identity(q)["numerics"] == "int8"
+    assert {k: v for k, v in encoder_identity(q).items() if k != "numerics"} == \
+        {k: v for k, v in encoder_identity(lite).items() if k != "numerics"}
+    with torch.inference_mode():
+        out = q(hippo_input)
+    rel = float((out - reference_embedding).abs().mean() / reference_embedding.abs().mean())
+    assert 1e-3 < rel < 0.25  # really quantised (measured 0.13), not another network
+    assert float(F.cosine_similarity(out.flatten(), reference_embedding.flatten(), 0)) > 0.98
+    # the pretrained decoder still finds the hippocampus from a box on the int8 embedding
+    _, label = hippo_slice
+    gt = to_label(label > 0, 256)
+    ys, xs = torch.nonzero(gt, as_tuple=True)
+    box = torch.tensor([[xs.min(), ys.min(), xs.max(), ys.max()]], dtype=torch.float32)
+    masks = {name: PromptedSegmenter(lite)(embeddings=e, boxes=box).masks[0, 0] > 0
+             for name, e in (("fp32", reference_embedding), ("int8", out))}
+    assert abs(dice(masks["int8"], gt) - dice(masks["fp32"], gt)) < 0.05
+    with pytest.raises(RuntimeError, match="rebuild"):
+        optimise_for_inference(q, precision="fp32")
+    with pytest.raises(RuntimeError, match="int8"):
+        optimise_for_inference(build_encoder("test_tiny"), precision="int8")
+    plan_fp32 = {"encoder": {"name": "lite_medsam"}}  # plans written before cpu_precision existed: float32
+    assert encoder_identity(build_encoder_for_plans(plan_fp32, {"encoder_input_size": 128}, "cpu"))["numerics"] \
+        == "fp32"

@@ -195,8 +195,8 @@ def encoder_identity(encoder: FrozenEncoder) -> dict:
     """What determines an encoder's embeddings: use as (part of) a cache key. Machine-independent: the weights
     are identified by their hash, not their path.
 
-    `numerics` is 'fp32' for both the exact and the optimised float32 paths (they agree to float32 rounding)
-    and 'bf16' when the backbone runs under bfloat16 autocast.
+    `numerics` is 'fp32' for both the exact and the optimised float32 paths (they agree to float32 rounding),
+    'int8' for the CPU path with int8 Linear layers, and 'bf16' when the backbone runs under bfloat16 autocast.
     """
     return {
         "encoder": encoder.name,
@@ -205,5 +205,6 @@ def encoder_identity(encoder: FrozenEncoder) -> dict:
         "stride": encoder.stride,
         "weights_sha256": encoder.weights_sha256,
         "normalisation": encoder.spec.input_normalisation,
-        "numerics": "bf16" if encoder.autocast_dtype == torch.bfloat16 else "fp32",
+        "numerics": "bf16" if encoder.autocast_dtype == torch.bfloat16 else
+                    "int8" if encoder.precision == "int8" else "fp32",
     }

@@ -9,6 +9,11 @@ precision:
            fused oneDNN convolutions, SDPA window attention, padding-aware qkv): same function, float32
            throughout, measured relative embedding error ~1e-6 (tolerance used in tests: mean relative error
            below 1e-4). Other encoders keep their network.
+* 'int8'   'fp32' with the transformer stages' Linear layers in torch's dynamic int8 (CPU only; see
+           `FastTinyViT.quantise_linear_layers`): ~1.9x the 'fp32' path on an AVX2 CPU, embeddings ~13% off
+           (mean relative), a trained head's Dice and the zero-shot box Dice within 0.005
+           (`benchmarks/int8_encoder.py`). Its embeddings are not float32's: `encoder_identity` says 'int8',
+           so caches and trained heads never mix the two. Only lite_medsam has this path.
 * 'bf16'   'fp32' plus bfloat16 autocast. Only worthwhile on hardware with native bfloat16 (AVX512-BF16/AMX
            CPUs, recent GPUs). On a CPU without it, it is refused: on an AVX2-only CPU it ran ~30x slower than
            float32, and its mean relative embedding error (~4e-2) exceeds the 1e-2 tolerance anyway.
@@ -27,7 +32,7 @@ import torch
 from .cpu import has_native_bf16, tune_allocator
 from .encoders import FrozenEncoder
 
-PRECISIONS = ("exact", "fp32", "bf16")
+PRECISIONS = ("exact", "fp32", "int8", "bf16")
 FP32_MEAN_REL_TOLERANCE = 1e-4   # stated bound for 'fp32' against 'exact' (measured ~2.5e-6)
 MAX_MEAN_REL_TOLERANCE = 1e-2    # no optimised path may exceed this mean relative embedding error
 
@@ -43,15 +48,24 @@ def optimise_for_inference(encoder: FrozenEncoder, precision: str = "fp32", tune
     if precision == "bf16" and on_cpu and not has_native_bf16():
         raise RuntimeError("bf16 requested but this CPU has no native bfloat16 instructions (AVX512-BF16/AMX): "
                            "bfloat16 would be emulated, far slower than float32. Use precision='fp32'.")
+    if precision == "int8" and (not on_cpu or encoder.name != "lite_medsam"):
+        raise RuntimeError(f"int8 is a CPU path of lite_medsam's encoder; not available for {encoder.name} on "
+                           f"{encoder.device.type}. Use precision='fp32'.")
+    if encoder.precision == "int8" and precision != "int8":
+        raise RuntimeError(f"an int8 encoder cannot become '{precision}'; rebuild it instead")
     if tune_memory and on_cpu:
         tune_allocator()
     if num_threads is not None:
         torch.set_num_threads(int(num_threads))
-    if precision in ("fp32", "bf16") and encoder.name == "lite_medsam" and encoder.precision == "exact":
+    if precision in ("fp32", "int8", "bf16") and encoder.name == "lite_medsam" and encoder.precision == "exact":
         from .fast_tinyvit import FastTinyViT
         device = encoder.device
         fast = FastTinyViT.from_tinyvit(encoder.backbone.net).to(device)
         encoder.backbone = fast
+    if precision == "int8" and encoder.precision != "int8":
+        if encoder.precision not in ("exact", "fp32"):
+            raise RuntimeError(f"an encoder optimised for '{encoder.precision}' cannot become 'int8'; rebuild it")
+        encoder.backbone.quantise_linear_layers()
     encoder.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
     if precision == "exact" and encoder.precision != "exact":
         warnings.warn("an encoder optimised for 'fp32' cannot go back to 'exact'; rebuild it instead")
