@@ -73,11 +73,14 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
                    help="encoder input size in pixels (default: chosen from the slice size)")
     p.add_argument("--head", default=None, choices=HEADS,
                    help="default head for training (default: chosen by the planner)")
+    p.add_argument("--cpu_precision", default="fp32", choices=["fp32", "int8"],
+                   help="the encoder's arithmetic on a CPU (default fp32); int8: lite_medsam's Linear layers in "
+                        "dynamic int8, ~1.9x faster, embeddings ~13%% off (a trained head's Dice within 0.005)")
 
 
 def _plan_kwargs(a) -> dict:
     return dict(encoder=a.encoder, checkpoint=a.checkpoint, memory_gb=a.memory_gb, disk_gb=a.disk_gb,
-                input_size=a.input_size, head=a.head)
+                input_size=a.input_size, head=a.head, cpu_precision=a.cpu_precision)
 
 
 @_entry

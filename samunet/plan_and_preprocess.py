@@ -51,7 +51,8 @@ def extract_fingerprint(dataset, num_processes: int = 2, verify: bool = False, c
 
 
 def plan(dataset, encoder: str = "lite_medsam", checkpoint: str | None = None, memory_gb: float = 8.0,
-         disk_gb: float = 50.0, input_size: int | None = None, head: str | None = None) -> dict:
+         disk_gb: float = 50.0, input_size: int | None = None, head: str | None = None,
+         cpu_precision: str = "fp32") -> dict:
     """Plan every configuration the data allow and write ``samunetPlans.json``."""
     name = resolve_dataset_name(dataset)
     out = preprocessed_folder() / name
@@ -62,7 +63,8 @@ def plan(dataset, encoder: str = "lite_medsam", checkpoint: str | None = None, m
         raise SamunetError(f"{checkpoint}: checkpoint file not found (--checkpoint)")
     plans = plan_experiment(load_json(fp_file), load_json(out / "dataset.json"), encoder=encoder,
                             checkpoint=str(Path(checkpoint).resolve()) if checkpoint else None,
-                            memory_gb=memory_gb, disk_gb=disk_gb, input_size=input_size, head=head)
+                            memory_gb=memory_gb, disk_gb=disk_gb, input_size=input_size, head=head,
+                            cpu_precision=cpu_precision)
     save_json(plans, plans_file(name))
     for cname, cfg in plans["configurations"].items():
         logger.info("%s: slice axis %d, input %d px (%s), head %s, batch %d, cache %s (%.2f GB)", cname,

@@ -7,12 +7,14 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from conftest import DRIVE, EM, HIPPO, copy_dataset, hippo_cases, tree_snapshot
 from samunet.dataset.io import read_seg, write_seg
 from samunet.plan_and_preprocess import extract_fingerprint, plan, plan_and_preprocess, preprocess
 from samunet.preprocessing.preprocessor import preprocess_case, revert_seg
+from samunet.utils import SamunetError
 
 CLI = [sys.executable, "-c", "from samunet.cli import plan_and_preprocess_entry as m; m()"]
 
@@ -85,6 +87,14 @@ def test_plans_are_deterministic(samunet_dirs):
     first = plan(4)
     extract_fingerprint(4, num_processes=1, clean=True)
     assert plan(4) == first
+    assert first["encoder"]["cpu_precision"] == "fp32"
+    # the int8 CPU path is the user's choice, recorded with its reason; only lite_medsam has it
+    int8 = plan(4, cpu_precision="int8")
+    assert int8["encoder"]["cpu_precision"] == "int8"
+    assert "--cpu_precision" in int8["encoder"]["cpu_precision_reason"]
+    assert int8["configurations"] == first["configurations"]
+    with pytest.raises(SamunetError, match="lite_medsam"):
+        plan(4, encoder="test_tiny", cpu_precision="int8")
 
 
 def test_drive_planned_so_thin_vessels_survive(samunet_dirs):

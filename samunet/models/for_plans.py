@@ -29,9 +29,16 @@ def resolve_device(device: str) -> torch.device:
 def build_encoder_for_plans(plans: dict, config: dict, device):
     from samunet.models.encoders import build_encoder
     enc = plans["encoder"]
-    # on the CPU the numerically equivalent fast float32 path (folded batch norm, fused convolutions) is used
     return build_encoder(enc["name"], checkpoint=enc.get("checkpoint"), input_size=config["encoder_input_size"],
-                         device=device, optimise=torch.device(device).type == "cpu")
+                         device=device, optimise=cpu_precision(plans, device))
+
+
+def cpu_precision(plans: dict, device) -> str | bool:
+    """The encoder path for ``device``: on the CPU the plans' ``cpu_precision`` (plans without one: the fast
+    float32 path, numerically the shipped network), elsewhere the network as built."""
+    if torch.device(device).type != "cpu":
+        return False
+    return plans["encoder"].get("cpu_precision", "fp32")
 
 
 def build_model(head: str, encoder, num_classes: int, in_channels_multiplier: int = 1, embedding_context: int = 1,

@@ -40,6 +40,14 @@ RGB_NAMES = ({"r", "g", "b"}, {"red", "green", "blue"})
 # LiteMedSAM encodings at 128 px, the budget of the plateau study (16 views of 1-5 Hippocampus cases, 5 of 20)
 VIEW_BUDGET_S = 1360.0
 # where the head default comes from: Hippocampus fold 0, trained to plateau, mean foreground Dice (1 / 5 cases)
+CPU_PRECISIONS = ("fp32", "int8")
+CPU_PRECISION_REASONS = {
+    "fp32": "the float32 encoder on a CPU (the fast path, same embeddings as the shipped network); "
+            "samunet_plan_and_preprocess --cpu_precision int8 trades ~13% embedding error for ~1.9x encoder speed",
+    "int8": "set by the user (--cpu_precision int8): the encoder's Linear layers in dynamic int8 on a CPU, ~1.9x "
+            "the float32 path, a trained head's and the zero-shot box Dice within 0.005 of float32 "
+            "(benchmarks/results/int8_encoder.md); embeddings and trained heads are tied to it (a GPU runs float32)",
+}
 PLATEAU_EVIDENCE = ("in the plateau study (benchmarks/results/label_efficiency_004_fold0_plateau.md, Hippocampus fold "
                     "0, every model trained to its plateau) the hybrid head reached 0.682 / 0.803 mean foreground Dice "
                     "with 1 / 5 labelled cases, the AutoSAM head 0.701 with 5; at equal short budgets (100 x 8, not "
@@ -302,8 +310,13 @@ def _cpu_epochs(config: dict) -> tuple[dict, str]:
 def plan_experiment(fingerprint: dict, dataset_json: dict, encoder: str = "lite_medsam",
                     checkpoint: str | None = None, memory_gb: float = 8.0, disk_gb: float = 50.0,
                     input_size: int | None = None, head: str | None = None,
-                    configurations: list[str] | None = None, seed: int = 12345) -> dict:
+                    configurations: list[str] | None = None, seed: int = 12345,
+                    cpu_precision: str = "fp32") -> dict:
     spec = get_encoder_spec(encoder)
+    if cpu_precision not in CPU_PRECISIONS:
+        raise SamunetError(f"--cpu_precision {cpu_precision}: choose {' or '.join(CPU_PRECISIONS)}")
+    if cpu_precision == "int8" and encoder != "lite_medsam":
+        raise SamunetError(f"--cpu_precision int8 is a path of the lite_medsam encoder, not of {encoder}")
     if spec.needs_checkpoint and not checkpoint:
         raise SamunetError(f"encoder {encoder} needs its official checkpoint: pass --checkpoint PATH "
                            f"(its weights are never downloaded)")
@@ -325,7 +338,8 @@ def plan_experiment(fingerprint: dict, dataset_json: dict, encoder: str = "lite_
         "samunet_version": __version__,
         "seed": seed,
         "encoder": {"name": encoder, "checkpoint": checkpoint, **{k: v for k, v in spec.to_dict().items()
-                                                                    if k != "name"}},
+                                                                    if k != "name"},
+                    "cpu_precision": cpu_precision, "cpu_precision_reason": CPU_PRECISION_REASONS[cpu_precision]},
         "channel_names": fingerprint["channel_names"],
         "label_values": [int(v) for v in fingerprint["class_properties"]],
         "class_names": [p["name"] for p in fingerprint["class_properties"].values()],

@@ -90,7 +90,7 @@ class ZeroShotEvaluator:
         from samunet.models.encoders import build_encoder, encoder_identity
         from samunet.models.prompted import PromptedSegmenter
         from samunet.models.specs import get_encoder_spec
-        from samunet.models.for_plans import resolve_device
+        from samunet.models.for_plans import cpu_precision, resolve_device
         self.settings = settings or ZeroShotSettings()
         self.dataset_name = resolve_dataset_name(dataset)
         self.plans = load_plans(self.dataset_name)
@@ -128,8 +128,11 @@ class ZeroShotEvaluator:
             self.only_cases = set(state.get("val_cases", []))
         self.input_size = int(input_size or spec.native_input_size)
         try:
+            same = self.encoder_name == plan_encoder["name"]  # the plan's encoder runs on the plan's CPU path
             self.encoder = build_encoder(self.encoder_name, checkpoint=checkpoint, input_size=self.input_size,
-                                         device=self.device, optimise=self.device.type == "cpu")
+                                         device=self.device,
+                                         optimise=cpu_precision(self.plans, self.device) if same else
+                                         self.device.type == "cpu")
         except (ValueError, FileNotFoundError) as e:
             raise SamunetError(f"cannot build encoder '{self.encoder_name}': {e}") from None
         if self.encoder.prompt_encoder is None:
