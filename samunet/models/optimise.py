@@ -10,7 +10,7 @@ precision:
            throughout, measured relative embedding error ~1e-6 (tolerance used in tests: mean relative error
            below 1e-4). Other encoders keep their network.
 * 'int8'   'fp32' with the transformer stages' Linear layers in torch's dynamic int8 (CPU only; see
-           `FastTinyViT.quantise_linear_layers`): ~1.9x the 'fp32' path on an AVX2 CPU, embeddings ~13% off
+           `FastTinyViT.quantise_linear_layers`): ~1.9x the 'fp32' path on an AVX2 CPU, embeddings ~8% off
            (mean relative), a trained head's Dice and the zero-shot box Dice within 0.005
            (`benchmarks/int8_encoder.py`). Its embeddings are not float32's: `encoder_identity` says 'int8',
            so caches and trained heads never mix the two. Only lite_medsam has this path.

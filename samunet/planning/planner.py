@@ -43,7 +43,7 @@ VIEW_BUDGET_S = 1360.0
 CPU_PRECISIONS = ("fp32", "int8")
 CPU_PRECISION_REASONS = {
     "fp32": "the float32 encoder on a CPU (the fast path, same embeddings as the shipped network); "
-            "samunet_plan_and_preprocess --cpu_precision int8 trades ~13% embedding error for ~1.9x encoder speed",
+            "samunet_plan_and_preprocess --cpu_precision int8 trades ~8% embedding error for ~1.9x encoder speed",
     "int8": "set by the user (--cpu_precision int8): the encoder's Linear layers in dynamic int8 on a CPU, ~1.9x "
             "the float32 path, a trained head's and the zero-shot box Dice within 0.005 of float32 "
             "(benchmarks/results/int8_encoder.md); embeddings and trained heads are tied to it (a GPU runs float32)",
