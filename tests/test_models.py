@@ -462,3 +462,9 @@ def test_int8_path_is_faster_arithmetic_with_its_own_identity(lite, hippo_input,
     plan_fp32 = {"encoder": {"name": "lite_medsam"}}  # plans written before cpu_precision existed: float32
     assert encoder_identity(build_encoder_for_plans(plan_fp32, {"encoder_input_size": 128}, "cpu"))["numerics"] \
         == "fp32"
+    # a head trained on int8 embeddings is refused on float32 ones, saying why
+    from samunet.models.run_checkpoint import check_compatible
+    from samunet.utils import SamunetError
+    with pytest.raises(SamunetError, match="trained on int8 embeddings, and this encoder computes fp32"):
+        check_compatible({"encoder_identity": encoder_identity(q)}, "fold_0/checkpoint_final.pth",
+                         {"encoder_identity": encoder_identity(lite)})

@@ -59,7 +59,14 @@ def check_compatible(state: dict, path, expected: dict) -> None:
     problems = []
     for key, want in expected.items():
         have = state.get(key)
-        if have != want:
-            problems.append(f"{key} is {have!r}, expected {want!r}")
+        if have == want:
+            continue
+        if key == "encoder_identity" and isinstance(have, dict) and isinstance(want, dict) and \
+                {k: v for k, v in have.items() if k != "numerics"} == {k: v for k, v in want.items() if k != "numerics"}:
+            problems.append(f"its head was trained on {have.get('numerics')} embeddings, and this encoder computes "
+                            f"{want.get('numerics')} ones (the plans' encoder cpu_precision on a CPU, float32 on a "
+                            "GPU decide which); use the encoder it was trained with")
+            continue
+        problems.append(f"{key} is {have!r}, expected {want!r}")
     if problems:
         raise SamunetError(f"{path}: checkpoint does not belong to this run: " + "; ".join(problems))
