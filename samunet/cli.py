@@ -75,7 +75,8 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
                    help="default head for training (default: chosen by the planner)")
     p.add_argument("--cpu_precision", default="fp32", choices=["fp32", "int8"],
                    help="the encoder's arithmetic on a CPU (default fp32); int8: lite_medsam's Linear layers in "
-                        "dynamic int8, ~1.9x faster, embeddings ~8%% off (a trained head's Dice within 0.005)")
+                        "int8, ~1.9x faster on a CPU with VNNI (same numbers, no gain elsewhere), embeddings ~8%% off "
+                        "(a trained head's Dice within 0.005)")
 
 
 def _plan_kwargs(a) -> dict:

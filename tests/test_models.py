@@ -435,6 +435,34 @@ def test_bf16_only_where_the_cpu_has_it():
         optimise_for_inference(enc, precision="fp8")
 
 
+def test_int8_linear_gives_the_same_numbers_on_every_cpu():
+    """samunet's int8 numerics are exact integer sums: the float32 emulation reproduces them to float32 rounding,
+    and torch's kernel is used only where the probe found it exact (on CPUs without VNNI its 16-bit pair sums
+    saturate on the full 8-bit range)."""
+    from samunet.models.int8_linear import Int8Linear, kernel_is_exact
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 320, generator=g) * 3 + 1
+    w = torch.randn(640, 320, generator=g) * 0.05
+    b = torch.randn(640, generator=g)
+    emulated = Int8Linear(w, b, exact_kernel=False)
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    scale = (hi - lo) / 255
+    zero_point = round(-lo / scale)
+    integers = torch.round(x * (1 / scale)).clamp(-zero_point, 255 - zero_point).double()
+    exact = (integers @ emulated.weight_t.double()) * scale + b.double()
+    out = emulated(x.view(3, 100, 320))
+    assert out.shape == (3, 100, 640)
+    assert float((out.view(300, 640).double() - exact).abs().max() / exact.abs().mean()) < 1e-5
+    assert 1e-4 < float((out.view(300, 640) - F.linear(x, w, b)).abs().mean() / exact.abs().mean()) < 0.05
+    kernel = Int8Linear(w, b, exact_kernel=True)(x)
+    kernel_error = float((kernel.double() - exact).abs().max() / exact.abs().mean())
+    if kernel_is_exact():
+        assert kernel_error < 1e-4
+        assert Int8Linear(w, b).use_kernel
+    else:
+        assert not Int8Linear(w, b).use_kernel  # this CPU's kernel is never used for samunet's int8
+
+
 def test_int8_path_is_faster_arithmetic_with_its_own_identity(lite, hippo_input, reference_embedding, hippo_slice):
     from samunet.models.for_plans import build_encoder_for_plans
     q = build_encoder_for_plans({"encoder": {"name": "lite_medsam", "cpu_precision": "int8"}},
@@ -445,7 +473,7 @@ def test_int8_path_is_faster_arithmetic_with_its_own_identity(lite, hippo_input,
     with torch.inference_mode():
         out = q(hippo_input)
     rel = float((out - reference_embedding).abs().mean() / reference_embedding.abs().mean())
-    assert 1e-3 < rel < 0.15  # really quantised (measured 0.08), not another network
+    assert 1e-3 < rel < 0.1  # really quantised (measured 0.081 on every CPU), not another network or saturated
     assert float(F.cosine_similarity(out.flatten(), reference_embedding.flatten(), 0)) > 0.99
     # the pretrained decoder still finds the hippocampus from a box on the int8 embedding
     _, label = hippo_slice

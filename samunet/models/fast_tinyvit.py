@@ -23,23 +23,22 @@ All arithmetic stays in float32; outputs agree with the reference to float32 rou
 order of 1e-6). Nothing here trains: use it under `torch.inference_mode()`.
 
 `model.quantise_linear_layers()` (precision 'int8', CPU only) then runs the transformer stages' Linear layers
-(qkv, proj, fc1, fc2: 59% of the float32 path's time) through torch's dynamic int8 linear: weights int8 per
-output channel (symmetric), activations quantised per call to the full 8-bit range. torch's `reduce_range`
-(7-bit activations), meant to rule out int16 saturation in the u8 x s8 products of CPUs without VNNI, was
-measured too: on an AVX2 CPU it nearly doubled the embedding error (mean relative 0.136 against 0.082) and moved
-the zero-shot box Dice by -0.0054 (against +0.0015) on 112 Hippocampus objects, while the saturation the full
-range allows stayed below 4.2% of a layer's mean output on individual outputs over 8 real slices. On that CPU the
-path ran 1.9x as fast as the float32 path (4.4x the shipped network); a trained head's Dice and the zero-shot box
-Dice stayed within 0.005 of float32 (``benchmarks/int8_encoder.py``, ``benchmarks/encoder_speed.py``).
-Convolutions, attention and norms stay float32.
+(qkv, proj, fc1, fc2: about half of the float32 path's time) in samunet's int8 numerics (`int8_linear.py`):
+weights int8 per output channel (symmetric), activations quantised per call to the full 8-bit range, exact
+integer sums. torch's `reduce_range` (7-bit activations) was measured too: it nearly doubled the embedding error
+(mean relative 0.136 against 0.082) and moved the zero-shot box Dice by -0.0054 (against +0.0015) on 112
+Hippocampus objects. Where torch's int8 kernel is exact (CPUs with VNNI) the path ran 1.9x as fast as the float32
+path; elsewhere the same numbers are computed in float32 at the float32 path's speed. A trained head's Dice and
+the zero-shot box Dice stayed within 0.005 of float32 (``benchmarks/int8_encoder.py``,
+``benchmarks/encoder_speed.py``). Convolutions, attention and norms stay float32.
 """
 from __future__ import annotations
-
-import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .int8_linear import Int8Linear
 
 
 def _mkldnn_fused_available() -> bool:
@@ -139,16 +138,6 @@ def _fold_layer_norm_into_linear(norm: nn.LayerNorm, linear: nn.Linear) -> tuple
 LINEAR_LAYERS = ("qkv", "proj", "fc1", "fc2")
 
 
-def _pack_int8(weight: torch.Tensor, bias: torch.Tensor):
-    """``weight`` (out, in) as symmetric int8 per output channel, prepacked with ``bias`` for the dynamic linear."""
-    w = weight.detach().float().cpu()
-    scale = (w.abs().amax(1) / 127.0).clamp_min(1e-12).double()
-    with warnings.catch_warnings():  # torch marks its quantised tensor constructors deprecated; they still work
-        warnings.simplefilter("ignore")
-        q = torch.quantize_per_channel(w, scale, torch.zeros(len(scale), dtype=torch.long), 0, torch.qint8)
-        return torch.ops.quantized.linear_prepack(q, bias.detach().float().cpu())
-
-
 class _TinyViTBlock(nn.Module):
     def __init__(self, block: nn.Module):
         super().__init__()
@@ -177,14 +166,13 @@ class _TinyViTBlock(nn.Module):
         self._index_cache: dict = {}
 
     def quantise_linear_layers(self) -> None:
-        self._int8 = {k: _pack_int8(getattr(self, f"{k}_weight"), getattr(self, f"{k}_bias")) for k in LINEAR_LAYERS}
+        self._int8 = {k: Int8Linear(getattr(self, f"{k}_weight"), getattr(self, f"{k}_bias")) for k in LINEAR_LAYERS}
 
     def _linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """Layer ``name`` on ``x`` (..., in): float32, or torch's dynamic int8 linear once quantised."""
+        """Layer ``name`` on ``x`` (..., in): float32, or samunet's int8 numerics once quantised."""
         if self._int8 is None or name not in self._int8:
             return F.linear(x, getattr(self, f"{name}_weight"), getattr(self, f"{name}_bias"))
-        rows = x.reshape(-1, x.shape[-1]).contiguous()
-        return torch.ops.quantized.linear_dynamic(rows, self._int8[name], False).view(*x.shape[:-1], -1)
+        return self._int8[name](x)
 
     def _window_index(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, int]:
         """Row of every real token, and of every padding token, in the (windows * window tokens) layout."""

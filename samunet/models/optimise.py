@@ -9,9 +9,9 @@ precision:
            fused oneDNN convolutions, SDPA window attention, padding-aware qkv): same function, float32
            throughout, measured relative embedding error ~1e-6 (tolerance used in tests: mean relative error
            below 1e-4). Other encoders keep their network.
-* 'int8'   'fp32' with the transformer stages' Linear layers in torch's dynamic int8 (CPU only; see
-           `FastTinyViT.quantise_linear_layers`): ~1.9x the 'fp32' path on an AVX2 CPU, embeddings ~8% off
-           (mean relative), a trained head's Dice and the zero-shot box Dice within 0.005
+* 'int8'   'fp32' with the transformer stages' Linear layers in int8 (CPU only; `int8_linear.py`): ~1.9x the
+           'fp32' path on a CPU with VNNI, whose int8 kernel is exact, and the same numbers computed in float32
+           at the 'fp32' path's speed on other CPUs; embeddings ~8% off (mean relative) on every CPU, a trained head's Dice and the zero-shot box Dice within 0.005
            (`benchmarks/int8_encoder.py`). Its embeddings are not float32's: `encoder_identity` says 'int8',
            so caches and trained heads never mix the two. Only lite_medsam has this path.
 * 'bf16'   'fp32' plus bfloat16 autocast. Only worthwhile on hardware with native bfloat16 (AVX512-BF16/AMX
@@ -25,12 +25,16 @@ the eager 'fp32' path, so it is not used.
 """
 from __future__ import annotations
 
+import logging
 import warnings
 
 import torch
 
 from .cpu import has_native_bf16, tune_allocator
 from .encoders import FrozenEncoder
+from .int8_linear import kernel_is_exact
+
+logger = logging.getLogger("samunet")
 
 PRECISIONS = ("exact", "fp32", "int8", "bf16")
 FP32_MEAN_REL_TOLERANCE = 1e-4   # stated bound for 'fp32' against 'exact' (measured ~2.5e-6)
@@ -66,6 +70,9 @@ def optimise_for_inference(encoder: FrozenEncoder, precision: str = "fp32", tune
         if encoder.precision not in ("exact", "fp32"):
             raise RuntimeError(f"an encoder optimised for '{encoder.precision}' cannot become 'int8'; rebuild it")
         encoder.backbone.quantise_linear_layers()
+        if not kernel_is_exact():
+            logger.warning("int8 encoder: this CPU's int8 kernel saturates (no VNNI), so the int8 numbers are computed "
+                           "in float32: the same embeddings as on any other CPU, at the float32 path's speed")
     encoder.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
     if precision == "exact" and encoder.precision != "exact":
         warnings.warn("an encoder optimised for 'fp32' cannot go back to 'exact'; rebuild it instead")
