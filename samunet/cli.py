@@ -73,10 +73,10 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
                    help="encoder input size in pixels (default: chosen from the slice size)")
     p.add_argument("--head", default=None, choices=HEADS,
                    help="default head for training (default: chosen by the planner)")
-    p.add_argument("--cpu_precision", default="fp32", choices=["fp32", "int8"],
+    p.add_argument("--cpu_precision", default="fp32", choices=["fp32", "int8", "auto"],
                    help="the encoder's arithmetic on a CPU (default fp32); int8: lite_medsam's Linear layers in "
                         "int8, ~1.9x faster on a CPU with VNNI (same numbers, no gain elsewhere), embeddings ~8%% off "
-                        "(a trained head's Dice within 0.005)")
+                        "(a trained head's Dice within 0.005); auto: int8 if this machine has VNNI, else fp32")
 
 
 def _plan_kwargs(a) -> dict:

@@ -95,6 +95,11 @@ def test_plans_are_deterministic(samunet_dirs):
     assert int8["configurations"] == first["configurations"]
     with pytest.raises(SamunetError, match="lite_medsam"):
         plan(4, encoder="test_tiny", cpu_precision="int8")
+    # auto: int8 only where this machine's int8 kernel is exact (where it pays), saying which it found
+    from samunet.models.int8_linear import kernel_is_exact
+    auto = plan(4, cpu_precision="auto")["encoder"]
+    assert auto["cpu_precision"] == ("int8" if kernel_is_exact() else "fp32")
+    assert "--cpu_precision auto" in auto["cpu_precision_reason"] and "VNNI" in auto["cpu_precision_reason"]
 
 
 def test_drive_planned_so_thin_vessels_survive(samunet_dirs):
