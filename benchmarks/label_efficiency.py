@@ -23,7 +23,10 @@ code as ``samunet_predict`` (with mirroring only for models trained with mirrori
 heads reading the cached embeddings instead of re-encoding
 every slice; ``--crosscheck_predict`` re-predicts one cell with ``samunet_predict`` to show both agree.
 
-The run is resumable: finished cells are skipped, interrupted ones are continued (``--c``). Results go to
+The run is resumable: finished cells are skipped, interrupted ones are continued (``--c``). A cell that the
+results file records but whose work folder is not on this machine (trained elsewhere) is kept as recorded, neither
+trained again nor dropped from the report (``--retrain`` trains it again); an nnU-Net plateau cell shorter than
+its column's longest samunet cell is trained again regardless. Results go to
 ``benchmarks/results/label_efficiency_<dataset>_fold<K>[_quick|_plateau][<suffix>].{json,md,png}``.
 
 Environment: ``samunet_raw`` (the raw data set must also be in nnU-Net's raw format, which samunet's is),
@@ -587,6 +590,9 @@ def main(argv=None):
     p.add_argument("--crosscheck_predict", action="store_true",
                    help="re-predict the first head's largest setting with samunet_predict (no mirroring) and "
                         "compare its Dice with the final-validation files")
+    p.add_argument("--retrain", action="store_true",
+                   help="train again the cells that the results file records but this machine's work folder has "
+                        "no trace of (default: keep them as recorded)")
     p.add_argument("--report_only", action="store_true",
                    help="train nothing: write the report from the cells that have finished (others show as missing)")
     p.add_argument("--suffix", default="",
@@ -684,17 +690,26 @@ def main(argv=None):
         for m in methods:
             key = f"{m}_n{s}"
             log(f"--- {key}")
+            if m == "nnunet" and a.plateau:  # at least the iterations of the longest samunet cell of this column
+                done = [c["iterations_done"] for k, c in cells.items()
+                        if k.endswith(f"_n{s}") and not k.startswith("nnunet") and "iterations_done" in c]
+                # nnU-Net alone in a column (no samunet cell finished yet): the column's cap, which no samunet
+                # cell can exceed
+                longest = max(done) if done else max(b["epochs"] * b["iterations"] for b in (heads_b, unet_b))
+            recorded = cells.get(key)
+            if recorded is not None and not a.retrain and not (work / "cells" / f"{key}.json").is_file() and \
+                    not (m == "nnunet" and a.plateau and recorded.get("iterations_done", 0) < longest):
+                # a finished cell of the results file, trained on another machine whose work folder is not here:
+                # keep it rather than train it again or drop it from the report
+                log(f"{key}: kept as recorded in {report_file.name} (no trace of it under {work}; --retrain "
+                    f"trains it again)")
+                continue
             if m == "nnunet":
                 column_nn = nn
-                if a.plateau:  # at least the iterations of the longest samunet cell of this column
-                    done = [c["iterations_done"] for k, c in cells.items()
-                            if k.endswith(f"_n{s}") and not k.startswith("nnunet") and "iterations_done" in c]
+                if a.plateau:
                     if len(done) < len(methods) - 1 and not a.report_only:
                         log(f"nnunet n={s}: waits until every samunet cell of the column has finished")
                         continue
-                    # nnU-Net alone in a column (no samunet cell finished yet): the column's cap, which no
-                    # samunet cell can exceed
-                    longest = max(done) if done else max(b["epochs"] * b["iterations"] for b in (heads_b, unet_b))
                     column_nn = NnUNet(a, work, {**nn_b, "epochs": -(-longest // nn_b["iterations"])})
                 idx = column_nn.split_index(splits, a.fold, subsets[s], val)  # 'all' finds fold K itself
                 cell = column_nn.cell(s, idx, subsets[s], val, ending, a.raw)
