@@ -450,14 +450,22 @@ def test_int8_linear_gives_the_same_numbers_on_every_cpu():
     zero_point = round(-lo / scale)
     integers = torch.round(x * (1 / scale)).clamp(-zero_point, 255 - zero_point).double()
     exact = (integers @ emulated.weight_t.double()) * scale + b.double()
-    out = emulated(x.view(3, 100, 320))
-    assert out.shape == (3, 100, 640)
-    assert float((out.view(300, 640).double() - exact).abs().max() / exact.abs().mean()) < 1e-5
-    assert 1e-4 < float((out.view(300, 640) - F.linear(x, w, b)).abs().mean() / exact.abs().mean()) < 0.05
-    kernel = Int8Linear(w, b, exact_kernel=True)(x)
-    kernel_error = float((kernel.double() - exact).abs().max() / exact.abs().mean())
+    out = emulated(x)
+    assert out.shape == (300, 640)
+    assert float((out.double() - exact).abs().max() / exact.abs().mean()) < 1e-5
+    assert 1e-4 < float((out - F.linear(x, w, b)).abs().mean() / exact.abs().mean()) < 0.05
+    # (B, N, in): every sample on its own range, so a sample's result does not depend on its batch
+    batch = torch.stack([x[:100], x[100:200] * 4, x[200:] * 0.1])
+    together = emulated(batch)
+    assert together.shape == (3, 100, 640)
+    for i in range(3):
+        alone = emulated(batch[i:i + 1])[0]
+        assert torch.allclose(together[i], alone, rtol=0, atol=1e-5 * float(alone.abs().mean()))
+    assert torch.allclose(together[0], emulated(x[:100]), rtol=0, atol=1e-5 * float(together[0].abs().mean()))
+    kernel = Int8Linear(w, b, exact_kernel=True)
     if kernel_is_exact():
-        assert kernel_error < 1e-4
+        assert float((kernel(x).double() - exact).abs().max() / exact.abs().mean()) < 1e-4
+        assert float((kernel(batch) - together).abs().max() / together.abs().mean()) < 1e-4
         assert Int8Linear(w, b).use_kernel
     else:
         assert not Int8Linear(w, b).use_kernel  # this CPU's kernel is never used for samunet's int8

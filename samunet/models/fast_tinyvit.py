@@ -217,7 +217,7 @@ class _TinyViTBlock(nn.Module):
         # gather the real tokens back in image order, merging heads on the way (one copy)
         out = out.transpose(1, 2).reshape(n_windows * ws * ws, self.heads * self.d)
         out = out.index_select(0, real)
-        return self._linear("proj", out).view(b, n_tokens, c)
+        return self._linear("proj", out.view(b, n_tokens, -1)).view(b, n_tokens, c)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n_tokens, c = x.shape

@@ -6,8 +6,9 @@
 The numerics samunet calls 'int8' (`encoder_identity(...)["numerics"]`):
 
 * weights: symmetric int8 per output channel, scale max|w| / 127;
-* activations: quantised at every call to unsigned 8 bits over their full range [min(x, 0), max(x, 0)], with
-  fbgemm's scale and zero point (scale (max - min) / 255, zero point round(-min / scale));
+* activations: quantised to unsigned 8 bits over their full range [min(x, 0), max(x, 0)], one range per image
+  (so that an image's embedding does not depend on the batch it is encoded in), with fbgemm's scale and zero
+  point (scale (max - min) / 255, zero point round(-min / scale));
 * products summed exactly (32-bit integers), then scaled back to float32 and the bias added.
 
 torch's dynamic int8 linear (`quantized::linear_dynamic`, fbgemm) computes exactly this on CPUs whose int8 dot
@@ -29,19 +30,22 @@ import functools
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 QMAX = 255  # activations: unsigned 8 bits, full range
 
 
-def _quantise_weights(weight: torch.Tensor, bias: torch.Tensor):
-    """(out, in) float -> torch's per-channel symmetric qint8 tensor (scale max|w| / 127), prepacked with ``bias``."""
+def _quantise_weights(weight: torch.Tensor) -> torch.Tensor:
+    """(out, in) float -> torch's per-channel symmetric qint8 tensor (scale max|w| / 127)."""
     w = weight.detach().float().cpu()
     scale = (w.abs().amax(1) / 127.0).clamp_min(1e-12).double()
     with warnings.catch_warnings():  # torch marks its quantised tensor constructors deprecated; they still work
         warnings.simplefilter("ignore")
-        q = torch.quantize_per_channel(w, scale, torch.zeros(len(scale), dtype=torch.long), 0, torch.qint8)
-        return q, torch.ops.quantized.linear_prepack(q, bias.detach().float().cpu())
+        return torch.quantize_per_channel(w, scale, torch.zeros(len(scale), dtype=torch.long), 0, torch.qint8)
+
+
+def _pack(q: torch.Tensor, bias: torch.Tensor):
+    """``q`` prepacked with ``bias`` for torch's dynamic int8 linear."""
+    return torch.ops.quantized.linear_prepack(q, bias.detach().float().cpu())
 
 
 @functools.lru_cache(maxsize=None)
@@ -54,8 +58,8 @@ def kernel_is_exact() -> bool:
         x = torch.ones(16, 256)
         signs = torch.ones(8, 256)
         signs[1::2] = -1
-        ones = torch.zeros(8)
-        y = torch.ops.quantized.linear_dynamic(x, _quantise_weights(signs, ones)[1], False)
+        zero_bias = torch.zeros(8)
+        y = torch.ops.quantized.linear_dynamic(x, _pack(_quantise_weights(signs), zero_bias), False)
         return bool(torch.allclose(y, x @ signs.t(), rtol=1e-4, atol=1e-3))
     except (RuntimeError, AttributeError):  # a torch build without quantised CPU kernels
         return False
@@ -65,29 +69,38 @@ class Int8Linear:
     """``F.linear(x, weight, bias)`` in samunet's int8 numerics (module docstring); CPU tensors only."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, exact_kernel: bool | None = None):
-        q, self.packed = _quantise_weights(weight, bias)
+        q = _quantise_weights(weight)
         self.out_features = q.shape[0]
         self.use_kernel = kernel_is_exact() if exact_kernel is None else exact_kernel
-        if not self.use_kernel:  # (in, out) dequantised weights: the integers times their channel's scale
+        if self.use_kernel:
+            self.packed = _pack(q, bias)
+        else:  # (in, out) dequantised weights: the integers times their channel's scale
             scale = q.q_per_channel_scales().float()
             self.weight_t = (q.int_repr().float() * scale[:, None]).t().contiguous()
             self.bias = bias.detach().float().cpu().clone()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        """x (B, ..., in) -> (B, ..., out); each x[b] (one image's tokens) quantised on its own range, so an
+        image's result never depends on the batch it came in. A 2-D x (rows, in) is one sample."""
+        samples = x.reshape(1 if x.dim() <= 2 else x.shape[0], -1, x.shape[-1])
         if self.use_kernel:
-            out = torch.ops.quantized.linear_dynamic(rows, self.packed, False)
+            out = torch.stack([torch.ops.quantized.linear_dynamic(v.contiguous(), self.packed, False)
+                               for v in samples])
         else:
-            out = self._emulated(rows)
+            out = self._emulated(samples)
         return out.view(*x.shape[:-1], self.out_features)
 
-    def _emulated(self, rows: torch.Tensor) -> torch.Tensor:
-        lo = min(float(rows.min()), 0.0)
-        hi = max(float(rows.max()), 0.0)
+    def _emulated(self, samples: torch.Tensor) -> torch.Tensor:
+        """(B, rows, in) -> (B, rows, out), activations quantised per sample as fbgemm does per call."""
+        b = samples.shape[0]
+        lo = samples.amin((1, 2)).double().clamp(max=0.0)
+        hi = samples.amax((1, 2)).double().clamp(min=0.0)
         scale = (hi - lo) / QMAX
-        if scale == 0.0:
-            scale = 0.1  # fbgemm's choice for an all-zero input
-        zero_point = min(max(round(-lo / scale), 0), QMAX)
+        scale = torch.where(scale == 0, torch.full_like(scale, 0.1), scale)  # fbgemm's choice for all zeros
+        zero_point = torch.round(-lo / scale).clamp(0, QMAX)
         # round(x / scale) + zero point, clamped to [0, 255], minus the zero point again: integer-valued floats
-        centred = torch.round(rows * (1.0 / scale)).clamp_(-zero_point, QMAX - zero_point)
-        return torch.addmm(self.bias, centred, self.weight_t, alpha=scale)
+        centred = torch.round(samples * (1.0 / scale).float().view(b, 1, 1))
+        centred = torch.clamp(centred, min=(-zero_point).float().view(b, 1, 1),
+                              max=(QMAX - zero_point).float().view(b, 1, 1))
+        out = torch.matmul(centred, self.weight_t)
+        return out.mul_(scale.float().view(b, 1, 1)).add_(self.bias)
