@@ -4,7 +4,7 @@
 
 samunet's int8 path (``build_encoder(..., optimise='int8')``, plans' ``cpu_precision: int8``) runs the fast
 float32 network with the Linear layers of TinyViT's transformer stages (qkv, proj, fc1, fc2) in torch's dynamic
-int8 linear: weights int8 per output channel, activations quantised per call. Beside it, for the choice of
+int8 linear: weights int8 per output channel, activations quantised per image. Beside it, for the choice of
 scheme, torch.ao's ``quantize_dynamic`` of the shipped network's Linear layers with weights per tensor and per
 channel.
 

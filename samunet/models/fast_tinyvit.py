@@ -24,7 +24,7 @@ order of 1e-6). Nothing here trains: use it under `torch.inference_mode()`.
 
 `model.quantise_linear_layers()` (precision 'int8', CPU only) then runs the transformer stages' Linear layers
 (qkv, proj, fc1, fc2: about half of the float32 path's time) in samunet's int8 numerics (`int8_linear.py`):
-weights int8 per output channel (symmetric), activations quantised per call to the full 8-bit range, exact
+weights int8 per output channel (symmetric), activations quantised per image to the full 8-bit range, exact
 integer sums. torch's `reduce_range` (7-bit activations) was measured too: it nearly doubled the embedding error
 (mean relative 0.136 against 0.082) and moved the zero-shot box Dice by -0.0054 (against +0.0015) on 112
 Hippocampus objects. Where torch's int8 kernel is exact (CPUs with VNNI) the path ran 1.9x as fast as the float32
