@@ -15,7 +15,7 @@ torch's dynamic int8 linear (`quantized::linear_dynamic`, fbgemm) computes exact
 product accumulates into 32 bits (AVX512-VNNI). On CPUs without it (AVX2, AVX-512 without VNNI) fbgemm adds
 pairs of u8 x s8 products in saturating 16-bit registers (vpmaddubsw); the full 8-bit activation range overflows
 them (255 * 127 * 2 > 32767), so the same layer gives other numbers there: on a 2-core AVX2 EPYC the LiteMedSAM
-embeddings ended 38% off float32 (mean relative difference) instead of 8%. torch's own remedy, `reduce_range`
+embeddings ended 36-38% off float32 (mean relative difference) instead of 8%. torch's own remedy, `reduce_range`
 (7-bit activations), costs accuracy everywhere (``benchmarks/int8_encoder.py``).
 
 So `kernel_is_exact()` probes fbgemm once per process with an input that overflows 16-bit pair sums. Where the
