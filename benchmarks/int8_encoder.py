@@ -53,12 +53,7 @@ KERNEL_AS_IS = "torch's int8 kernel as it computes on this CPU (saturating: no V
 
 def with_kernel_as_is(encoder):
     """The int8 encoder with torch's kernel forced on every layer, where the probe found it inexact."""
-    from samunet.models.int8_linear import Int8Linear
-    for blocks in encoder.backbone.stages:
-        for block in blocks:
-            if getattr(block, "_int8", None):
-                block._int8 = {k: Int8Linear(getattr(block, f"{k}_weight"), getattr(block, f"{k}_bias"),
-                                             exact_kernel=True) for k in block._int8}
+    encoder.backbone.quantise_linear_layers(exact_kernel=True)
     return encoder
 
 

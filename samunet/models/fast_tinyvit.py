@@ -28,7 +28,7 @@ weights int8 per output channel (symmetric), activations quantised per image to 
 integer sums. torch's `reduce_range` (7-bit activations) was measured too: it nearly doubled the embedding error
 (mean relative 0.136 against 0.082) and moved the zero-shot box Dice by -0.0054 (against +0.0015) on 112
 Hippocampus objects. Where torch's int8 kernel is exact (CPUs with VNNI) the path ran 1.9x as fast as the float32
-path; elsewhere the same numbers are computed in float32 at the float32 path's speed. A trained head's Dice and
+path; elsewhere the same numbers are computed in float32, no faster than the float32 path. A trained head's Dice and
 the zero-shot box Dice stayed within 0.005 of float32 (``benchmarks/int8_encoder.py``,
 ``benchmarks/encoder_speed.py``). Convolutions, attention and norms stay float32.
 """
@@ -165,8 +165,9 @@ class _TinyViTBlock(nn.Module):
         self.register_buffer("fc2_bias", block.mlp.fc2.bias.detach().clone())
         self._index_cache: dict = {}
 
-    def quantise_linear_layers(self) -> None:
-        self._int8 = {k: Int8Linear(getattr(self, f"{k}_weight"), getattr(self, f"{k}_bias")) for k in LINEAR_LAYERS}
+    def quantise_linear_layers(self, exact_kernel: bool | None = None) -> None:
+        self._int8 = {k: Int8Linear(getattr(self, f"{k}_weight"), getattr(self, f"{k}_bias"), exact_kernel)
+                      for k in LINEAR_LAYERS}
 
     def _linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """Layer ``name`` on ``x`` (..., in): float32, or samunet's int8 numerics once quantised."""
@@ -266,11 +267,12 @@ class FastTinyViT(nn.Module):
     def from_tinyvit(cls, tinyvit: nn.Module) -> "FastTinyViT":
         return cls(tinyvit).eval()
 
-    def quantise_linear_layers(self) -> "FastTinyViT":
-        """Run the transformer stages' Linear layers in dynamic int8 (see the module docstring). CPU only."""
+    def quantise_linear_layers(self, exact_kernel: bool | None = None) -> "FastTinyViT":
+        """Run the transformer stages' Linear layers in int8 (see the module docstring). CPU only.
+        ``exact_kernel``: force torch's kernel on or off (default: where `kernel_is_exact()`)."""
         for blocks in self.stages:
             for block in blocks:
-                block.quantise_linear_layers()
+                block.quantise_linear_layers(exact_kernel)
         return self
 
     def _to_tokens(self, fmap: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,8 @@ precision:
            below 1e-4). Other encoders keep their network.
 * 'int8'   'fp32' with the transformer stages' Linear layers in int8 (CPU only; `int8_linear.py`): ~1.9x the
            'fp32' path on a CPU with VNNI, whose int8 kernel is exact, and the same numbers computed in float32
-           at the 'fp32' path's speed on other CPUs; embeddings ~8% off (mean relative) on every CPU, a trained head's Dice and the zero-shot box Dice within 0.005
+           on other CPUs, no faster than 'fp32' there (0.87x on an AVX2 CPU); embeddings ~8% off (mean relative)
+           on every CPU, a trained head's Dice and the zero-shot box Dice within 0.005
            (`benchmarks/int8_encoder.py`). Its embeddings are not float32's: `encoder_identity` says 'int8',
            so caches and trained heads never mix the two. Only lite_medsam has this path.
 * 'bf16'   'fp32' plus bfloat16 autocast. Only worthwhile on hardware with native bfloat16 (AVX512-BF16/AMX
@@ -72,7 +73,7 @@ def optimise_for_inference(encoder: FrozenEncoder, precision: str = "fp32", tune
         encoder.backbone.quantise_linear_layers()
         if not kernel_is_exact():
             logger.warning("int8 encoder: this CPU's int8 kernel saturates (no VNNI), so the int8 numbers are computed "
-                           "in float32: the same embeddings as on any other CPU, at the float32 path's speed")
+                           "in float32: the same embeddings as on any other CPU, no faster than float32")
     encoder.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
     if precision == "exact" and encoder.precision != "exact":
         warnings.warn("an encoder optimised for 'fp32' cannot go back to 'exact'; rebuild it instead")

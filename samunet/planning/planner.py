@@ -43,10 +43,11 @@ VIEW_BUDGET_S = 1360.0
 CPU_PRECISIONS = ("fp32", "int8")
 CPU_PRECISION_REASONS = {
     "fp32": "the float32 encoder on a CPU (the fast path, same embeddings as the shipped network); "
-            "samunet_plan_and_preprocess --cpu_precision int8 trades ~8% embedding error for ~1.9x encoder speed on a "
-            "CPU with VNNI (none elsewhere)",
+            "samunet_plan_and_preprocess --cpu_precision int8 trades ~8% embedding error for ~1.9x encoder "
+            "speed on a CPU with VNNI (none elsewhere)",
     "int8": "set by the user (--cpu_precision int8): the encoder's Linear layers in int8 on a CPU, ~1.9x "
-            "the float32 path where the CPU has VNNI (elsewhere the same numbers at float32 speed), a trained head's and the zero-shot box Dice within 0.005 of float32 "
+            "the float32 path where the CPU has VNNI (elsewhere the same numbers, no faster), a trained head's "
+            "and the zero-shot box Dice within 0.005 of float32 "
             "(benchmarks/results/int8_encoder.md); embeddings and trained heads are tied to it (a GPU runs float32)",
 }
 PLATEAU_EVIDENCE = ("in the plateau study (benchmarks/results/label_efficiency_004_fold0_plateau.md, Hippocampus fold "
