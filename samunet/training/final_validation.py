@@ -35,7 +35,7 @@ def final_validation(t, checkpoint: str = "checkpoint_final.pth", save_probabili
     from samunet.evaluation.evaluate import evaluate_folder
     from samunet.inference.predictor import predict_preprocessed, probabilities_to_segmentation
     if t.head is None:
-        t.initialize()
+        t.initialize(training=False)
     path = t.output / checkpoint
     state = load_checkpoint(path)
     check_compatible(state, path, t._expected())

@@ -127,7 +127,9 @@ class Trainer(EpochLoop, ScaleOut):
                 "fold": str(self.fold), "encoder_identity": self._identity(),
                 "preprocessing_identity": self.config["preprocessing_identity"]}
 
-    def initialize(self):
+    def initialize(self, training: bool = True):
+        """Split, model, cache and data; ``training=False`` (a validation-only run) builds no augmented views,
+        which only training reads."""
         self.text = TextLog(self.output) if self.dist.is_main else (lambda message: None)
         ids = self._case_ids()
         train, val = get_split(self.pp_folder, ids, self.fold)
@@ -163,7 +165,7 @@ class Trainer(EpochLoop, ScaleOut):
             self.dist.barrier()
             canvas = self.hybrid_architecture["canvas_size"] if self.hybrid else None
             warp = WarpParams() if self.hybrid else None
-            n_views = self.augmented_views
+            n_views = self.augmented_views if training else 0
             if n_views is None and self.hybrid:
                 inputs = sum(len(self.cache.load(i)[0]) for i in self.train_ids)
                 calls, why = views_budget(self.config.get("augmented_views"),
