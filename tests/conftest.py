@@ -2,6 +2,7 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,39 @@ def copy_dataset(src: Path, raw: Path, cases: list[str] | None = None, name: str
     meta["numTraining"] = len(idents)
     (dst / "dataset.json").write_text(json.dumps(meta, indent=2))
     return dst
+
+
+def run_entry(entry: str, *args, env: dict | None = None,
+              module: str = "samunet.cli") -> subprocess.CompletedProcess:
+    """A samunet command run in this process, as its console script runs it but without an interpreter's start-up
+    (seconds each): exit code, stdout and stderr as a subprocess gives them; ``env`` replaces the environment for
+    the call. An exception escaping the command becomes a traceback on stderr and exit code 1, which the callers'
+    "no traceback" checks catch."""
+    import importlib
+    import io
+    import traceback
+    import torch
+    func = getattr(importlib.import_module(module), entry)
+    out, err = io.StringIO(), io.StringIO()
+    saved, threads = dict(os.environ), torch.get_num_threads()
+    if env is not None:
+        os.environ.clear()
+        os.environ.update(env)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                func([str(a) for a in args])
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess([entry, *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 def hippo_cases(n: int) -> list[str]:
@@ -101,17 +135,19 @@ def hippo20(tmp_path_factory):
 # ------------------------------------------------------------------ one trained Hippocampus model for the session
 @pytest.fixture(scope="session")
 def _hippo_trained(hippo20):
-    """20 real cases planned and preprocessed (fold 0 validates on 4 of them); autosam trained briefly on 4
-    labelled cases of fold 0, with its final validation. Returns (root, trainer, untrained validation Dice)."""
+    """20 real cases planned and preprocessed (fold 0 validates on 4 of them); the plans' default head (hybrid: the
+    slice and its cached embedding) trained briefly on 4 labelled cases of fold 0, without augmented views, with its
+    final validation. Returns (root, trainer, untrained validation Dice)."""
     import numpy as np
     root = hippo20
     with use_folders(root):
         from samunet.training.trainer import Trainer, run_training
-        untrained = Trainer(4, "2d", 0, head="autosam", epochs=1, num_labeled_cases=4, batch_size=8)
+        untrained = Trainer(4, "2d", 0, head="hybrid", epochs=1, num_labeled_cases=4, batch_size=8,
+                            augmented_views=0)
         untrained.initialize()  # builds the embedding cache for the 4 training and 4 validation cases
         _, dice_before = untrained.validate_epoch()
-        t = run_training(4, "2d", 0, head="autosam", epochs=8, iterations_per_epoch=20, num_labeled_cases=4,
-                         batch_size=8)
+        t = run_training(4, "2d", 0, head="hybrid", epochs=4, iterations_per_epoch=30, num_labeled_cases=4,
+                         batch_size=8, patience=0, augmented_views=0)
     return root, t, float(np.mean(dice_before))
 
 
@@ -126,7 +162,7 @@ def hippo_env(_hippo_trained, monkeypatch):
 
 @pytest.fixture
 def trained(_hippo_trained, hippo_env):
-    """(trainer, untrained validation Dice) of the session's autosam model (fold 0, 4 labelled cases)."""
+    """(trainer, untrained validation Dice) of the session's hybrid model (fold 0, 4 labelled cases)."""
     return _hippo_trained[1], _hippo_trained[2]
 
 
@@ -134,7 +170,6 @@ def trained(_hippo_trained, hippo_env):
 def hippo_cli_prediction(_hippo_trained, tmp_path_factory):
     """``samunet_predict`` (a subprocess, default options) with the session's model on its first validation case:
     (case, input folder, output folder, the command's stderr)."""
-    import subprocess
     import sys
     root, t, _ = _hippo_trained
     case = t.val_ids[0]
@@ -143,7 +178,7 @@ def hippo_cli_prediction(_hippo_trained, tmp_path_factory):
     env = dict(os.environ, **{k: str(root / k) for k in ("samunet_raw", "samunet_preprocessed", "samunet_results")})
     r = subprocess.run([sys.executable, "-c", "from samunet.cli import predict_entry as m; m()", "-i", str(inp),
                         "-o", str(out), "-d", "4", "-c", "2d", "-f", "0", "--num_labeled_cases", "4",
-                        "--head", "autosam"],
+                        "--head", "hybrid"],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     return case, inp, out, r.stderr

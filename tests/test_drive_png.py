@@ -2,15 +2,11 @@
 input's geometry."""
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import SimpleITK as sitk
 
-from conftest import DRIVE, copy_dataset
-
-PREDICT = [sys.executable, "-c", "from samunet.cli import predict_from_modelfolder_entry as m; m()"]
+from conftest import DRIVE, copy_dataset, run_entry
 
 
 def test_drive_trains_and_predicts_png_in_original_geometry(samunet_dirs, tmp_path):
@@ -37,8 +33,7 @@ def test_drive_trains_and_predicts_png_in_original_geometry(samunet_dirs, tmp_pa
     case = t.val_ids[0]
     shutil.copy(DRIVE / "imagesTr" / f"{case}_0000.png", inp)
     out = tmp_path / "out"
-    r = subprocess.run(PREDICT + ["-i", str(inp), "-o", str(out), "-m", str(t.model_dir), "--disable_tta"],
-                       capture_output=True, text=True)
+    r = run_entry("predict_from_modelfolder_entry", "-i", inp, "-o", out, "-m", t.model_dir, "--disable_tta")
     assert r.returncode == 0, r.stderr
     src = sitk.ReadImage(str(DRIVE / "imagesTr" / f"{case}_0000.png"))
     pred = sitk.ReadImage(str(out / f"{case}.png"))

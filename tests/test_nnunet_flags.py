@@ -19,7 +19,7 @@ def _refused(capsys, func, argv, expect):
 
 def test_accumulate_crossval_results_matches_the_fold_validation(trained):
     t, _ = trained
-    accumulate_crossval_results_entry(["-d", "4", "-c", "2d", "-tr", "samunetTrainer_autosam_n4", "-f", "0"])
+    accumulate_crossval_results_entry(["-d", "4", "-c", "2d", "-tr", "samunetTrainer_hybrid_n4", "-f", "0"])
     out = t.model_dir / "crossval_results_folds_0"
     assert sorted(p.name for p in out.glob("*.nii.gz")) == sorted(f"{c}.nii.gz" for c in t.val_ids)
     got = json.loads((out / "summary.json").read_text())
@@ -65,7 +65,7 @@ def test_trainer_names_and_step_size_are_checked_before_any_work(trained, tmp_pa
              "name different heads")
     (tmp_path / "in").mkdir()
     _refused(capsys, predict_entry, ["-i", str(tmp_path / "in"), "-o", str(tmp_path / "o"), "-d", "4", "-c", "2d",
-                                     "-tr", "samunetTrainer_autosam_n4", "-step_size", "1.5"],
+                                     "-tr", "samunetTrainer_hybrid_n4", "-step_size", "1.5"],
              "step size 1.5: must lie in (0, 1]")
     assert not (tmp_path / "o").exists()
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import HIPPO, copy_dataset, hippo_cases, planned_hippocampus
+from conftest import HIPPO, copy_dataset, hippo_cases, planned_hippocampus, run_entry
 from samunet.utils import SamunetError
 
 NAME = "Dataset004_Hippocampus"
@@ -20,8 +20,7 @@ NAME = "Dataset004_Hippocampus"
 
 def _cli(entry: str, *args, env=None):
     module = "samunet.evaluation.cli" if entry.startswith("evaluate") else "samunet.cli"
-    return subprocess.run([sys.executable, "-c", f"from {module} import {entry} as m; m()", *map(str, args)],
-                          capture_output=True, text=True, env=env)
+    return run_entry(entry, *args, env=env, module=module)
 
 
 def _refused(r, *patterns) -> str:

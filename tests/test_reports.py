@@ -101,7 +101,7 @@ def test_report_and_overlays_of_an_evaluated_samunet_predict_folder(trained, hip
     evaluate_folder_entry([str(gt), str(pred), "-djfile", str(HIPPO / "dataset.json")])
     report_entry([str(pred)])
     page = (pred / "report.html").read_text()
-    assert f">{case}.nii.gz</a>" in page and "samunetTrainer_autosam_n4__samunetPlans__2d folds 0" in page
+    assert f">{case}.nii.gz</a>" in page and "samunetTrainer_hybrid_n4__samunetPlans__2d folds 0" in page
     assert (pred / "report_files" / f"{case}.png").is_file() and (pred / "report_files" / "progress.png").is_file()
     assert html.escape(json.loads((t.model_dir / "plans.json").read_text())["configurations"]["2d"]["head_reason"]) \
         in page

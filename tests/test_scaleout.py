@@ -39,6 +39,7 @@ def _read(path: Path) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
 
 
+@pytest.mark.slow  # about 2 minutes on 2 CPU cores; run with pytest -m slow
 def test_torchrun_training_resumes_after_a_kill_and_its_parts_match_one_process(_hippo_trained, tmp_path):
     """torchrun --nproc_per_node 2 (gloo): training killed after an epoch's checkpoint, resumed with --c; the final
     checkpoint predicts in one ordinary process; samunet_predict -num_parts 2 gives that prediction case for case;

@@ -14,7 +14,7 @@ from samunet.cli import predict_entry
 from samunet.sharing.cli import export_model_to_zip_entry, install_pretrained_model_from_zip_entry
 
 NAME = "Dataset004_Hippocampus"
-MODEL = "samunetTrainer_autosam_n4__samunetPlans__2d"
+MODEL = "samunetTrainer_hybrid_n4__samunetPlans__2d"
 
 
 def _refused(capsys, func, *argv, expect: str):
@@ -65,8 +65,8 @@ def test_predict_single_npy_array_equals_samunet_predict(trained, hippo_cli_pred
 @pytest.fixture
 def exported(trained, tmp_path):
     t, _ = trained
-    out = tmp_path / "hippo_autosam.zip"
-    export_model_to_zip_entry(["-d", "4", "-o", str(out), "-c", "2d", "-tr", "samunetTrainer_autosam_n4", "-f", "0"])
+    out = tmp_path / "hippo_hybrid.zip"
+    export_model_to_zip_entry(["-d", "4", "-o", str(out), "-c", "2d", "-tr", "samunetTrainer_hybrid_n4", "-f", "0"])
     return t, out
 
 
@@ -100,7 +100,7 @@ def test_exported_model_installs_into_empty_results_and_predicts_identically(exp
         (original / "fold_0" / "checkpoint_final.pth").read_bytes()
     assert not [p for p in empty.iterdir() if p.name.startswith(".")]  # no staging folder left
     predict_entry(["-i", str(inp), "-o", str(tmp_path / "inst"), "-d", "4", "-c", "2d", "-tr",
-                   "samunetTrainer_autosam_n4", "-f", "0", "-device", "cpu", "--disable_progress_bar"])
+                   "samunetTrainer_hybrid_n4", "-f", "0", "-device", "cpu", "--disable_progress_bar"])
     a = sitk.ReadImage(str(cli_out / f"{case}.nii.gz"))
     b = sitk.ReadImage(str(tmp_path / "inst" / f"{case}.nii.gz"))
     assert np.array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
