@@ -75,6 +75,15 @@ def _evaluate_cli(cases, pred: Path, gt: Path) -> float:
     return json.loads((pred / "summary.json").read_text())["foreground_mean"]["Dice"]
 
 
+def _recorded_dice(summary: Path, cases) -> float:
+    """Mean foreground Dice of ``cases`` as the ``summary.json`` of an evaluated folder recorded it per case."""
+    from samunet.evaluation.metrics import mean_metrics
+    names = {f"{c}.nii.gz" for c in cases}
+    per_case = json.loads(summary.read_text())["metric_per_case"]
+    return mean_metrics([m["metrics"] for m in per_case if Path(m["prediction_file"]).name in names],
+                        [1, 2])[1]["Dice"]
+
+
 def _train(*args):
     """samunet_train in this process (no interpreter start-up)."""
     return run_entry("train_entry", "4", "2d", "0", *args)
@@ -100,7 +109,6 @@ def test_corrupt_and_foreign_checkpoints_are_refused(trained, hippo_env, tmp_pat
 def test_predict_matches_validation_and_keeps_geometry(trained, hippo_env, hippo_cli_prediction, tmp_path):
     t, _ = trained
     first, inp, out, stderr = hippo_cli_prediction  # default options, the first validation case
-    cases = [first]
     a = sitk.ReadImage(str(HIPPO / "imagesTr" / f"{first}_0000.nii.gz"))
     b = sitk.ReadImage(str(out / f"{first}.nii.gz"))
     assert a.GetSize() == b.GetSize() and a.GetSpacing() == b.GetSpacing()
@@ -112,11 +120,8 @@ def test_predict_matches_validation_and_keeps_geometry(trained, hippo_env, hippo
     pred = tmp_path / "pred"
     pred.mkdir()
     shutil.copy(out / f"{first}.nii.gz", pred)
-    predicted = _evaluate_cli(cases, pred, tmp_path / "gt")
-    per_case = json.loads((t.output / "validation" / "summary.json").read_text())["metric_per_case"]
-    from samunet.evaluation.metrics import mean_metrics
-    validated = mean_metrics([c["metrics"] for c in per_case if Path(c["prediction_file"]).name in
-                              {f"{x}.nii.gz" for x in cases}], [1, 2])[1]["Dice"]
+    predicted = _evaluate_cli([first], pred, tmp_path / "gt")
+    validated = _recorded_dice(t.output / "validation" / "summary.json", [first])
     assert abs(predicted - validated) < 0.01, (predicted, validated)
     # a head trained on cached embeddings without augmented views never saw mirrored slices: mirroring TTA is not
     # applied to it (it would swap anterior and posterior), so the default prediction gives the labels that
@@ -245,10 +250,7 @@ def test_find_best_configuration_ensembles_postprocesses_and_its_instructions_wo
         ("_".join(map(str, kept)) if kept else info["best"])
     for c in cases:  # cached float16 embeddings there, recomputed ones here: the same up to rounding
         assert (_read(final / f"{c}.nii.gz") == _read(chosen / f"{c}.nii.gz")).mean() > 0.995, c
-    from samunet.evaluation.metrics import mean_metrics
-    per_case = json.loads((chosen / "summary.json").read_text())["metric_per_case"]
-    want = mean_metrics([m["metrics"] for m in per_case if Path(m["prediction_file"]).name in
-                         {f"{c}.nii.gz" for c in cases}], [1, 2])[1]["Dice"]
+    want = _recorded_dice(chosen / "summary.json", cases)
     assert _evaluate_cli(cases, final, tmp_path / "gt") == pytest.approx(want, abs=0.01)
 
 

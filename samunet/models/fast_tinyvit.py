@@ -28,8 +28,8 @@ weights int8 per output channel (symmetric), activations quantised per image to 
 integer sums. torch's `reduce_range` (7-bit activations) was measured too: it nearly doubled the embedding error
 (mean relative 0.136 against 0.082) and moved the zero-shot box Dice by -0.0054 (against +0.0015) on 112
 Hippocampus objects. Where torch's int8 kernel is exact (CPUs with VNNI) the path ran 1.9x as fast as the float32
-path; elsewhere the same numbers are computed in float32, no faster than the float32 path. A trained head's Dice and
-the zero-shot box Dice stayed within 0.005 of float32 (``benchmarks/int8_encoder.py``,
+path; elsewhere the same numbers are computed in float32, no faster than the float32 path. A trained head's Dice
+and the zero-shot box Dice stayed within 0.005 of float32 (``benchmarks/int8_encoder.py``,
 ``benchmarks/encoder_speed.py``). Convolutions, attention and norms stay float32.
 """
 from __future__ import annotations

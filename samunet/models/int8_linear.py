@@ -22,8 +22,8 @@ So `kernel_is_exact()` probes fbgemm once per process with an input that overflo
 kernel is exact it is used; elsewhere the same arithmetic is emulated in float32 (integer-valued activations times
 dequantised weights in a float32 matrix product, then the activation scale): equal to the integer result up to
 float32 rounding, no faster than the float32 layer (0.87x of the float32 encoder on an AVX2 CPU), but with the
-same embeddings. A cache or a head
-made with 'int8' on one CPU therefore stays valid on any other; only the speed differs.
+same embeddings. A cache or a head made with 'int8' on one CPU therefore stays valid on any other; only the speed
+differs.
 """
 from __future__ import annotations
 
