@@ -85,6 +85,16 @@ def hippo_cases(n: int) -> list[str]:
     return sorted(p.name[: -len(".nii.gz")] for p in (HIPPO / "labelsTr").iterdir())[:n]
 
 
+def hippo_slab(case: str, dst: Path, n: int = 8) -> Path:
+    """The ``n`` middle slices of a real Hippocampus image, cut along its first axis (the slice axis of the plans' 2d
+    configuration) with their geometry, written to ``dst``: a real input that predicts in a few seconds."""
+    import SimpleITK as sitk
+    img = sitk.ReadImage(str(HIPPO / "imagesTr" / f"{case}_0000.nii.gz"))
+    first = (img.GetSize()[0] - n) // 2
+    sitk.WriteImage(img[first:first + n, :, :], str(dst), True)
+    return dst
+
+
 def tree_snapshot(folder: Path) -> dict:
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
 

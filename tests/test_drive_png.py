@@ -17,10 +17,10 @@ def test_drive_trains_and_predicts_png_in_original_geometry(samunet_dirs, tmp_pa
     plans = plan_and_preprocess(201, num_processes=2)
     assert plans["configurations"]["2d"]["inplane_mode"] == "sliding_window"
     t = run_training(201, "2d", 0, head="cnn", epochs=2, iterations_per_epoch=15, num_labeled_cases=1,
-                     batch_size=8)
+                     batch_size=4)
     assert len(t.val_ids) == 1 and len(t.train_ids) == 1
     summary = json.loads((t.output / "validation" / "summary.json").read_text())
-    assert summary["foreground_mean"]["Dice"] > 0.3, summary["mean"]  # vessels found after 30 steps on one image
+    assert summary["foreground_mean"]["Dice"] > 0.3, summary["mean"]  # vessels found after 30 steps of 4 tiles of one image
     # augmented views of RGB tiles (the hybrid head's strong augmentation): one view of a case, every tile encoded
     from samunet.training.augmented_views import AugmentedViews
     views = AugmentedViews(t.cache, canvas=256, views=1)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import HIPPO, copy_dataset, hippo_cases, planned_hippocampus, run_entry
+from conftest import HIPPO, copy_dataset, hippo_cases, hippo_slab, run_entry, use_folders
 from samunet.utils import SamunetError
 
 NAME = "Dataset004_Hippocampus"
@@ -211,18 +211,21 @@ def test_11_temporary_files_of_a_running_writer_survive_a_sweep(tmp_path):
 
 # ---------------------------------------------------------------- the trained model (5., 8., 11. and prediction)
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    """3 real cases planned; the linear and cnn heads trained on fold 'all' for 1 epoch x 2 iterations."""
+def model(hippo20, tmp_path_factory):
+    """The session's 20 planned cases and their cached embeddings; the linear and cnn heads trained on 3 labelled
+    cases of fold 0 for 1 epoch x 2 iterations, in a results folder of their own."""
     from samunet.training.trainer import run_training
-    with planned_hippocampus(tmp_path_factory.mktemp("reliability"), 3) as root:
+    results = tmp_path_factory.mktemp("reliability_results")
+    with use_folders(hippo20, results):
         for head in ("linear", "cnn"):
-            run_training(4, "2d", "all", head=head, epochs=1, iterations_per_epoch=2, batch_size=2, device="cpu")
-        yield root / "samunet_results" / NAME
+            run_training(4, "2d", 0, head=head, epochs=1, iterations_per_epoch=2, num_labeled_cases=3, batch_size=2,
+                         device="cpu")
+        yield results / NAME
 
 
 def _predict(inp, out, *extra):
-    return _cli("predict_entry", "-i", inp, "-o", out, "-d", "4", "-c", "2d", "-f", "all", "--disable_tta",
-                "--device", "cpu", *(extra or ("--head", "linear")))
+    return _cli("predict_entry", "-i", inp, "-o", out, "-d", "4", "-c", "2d", "-f", "0", "--num_labeled_cases", "3",
+                "--disable_tta", "--device", "cpu", *(extra or ("--head", "linear")))
 
 
 def test_1_3_4_prediction_refuses_truncated_2d_and_absurd_spacing_files(model, tmp_path):
@@ -230,7 +233,7 @@ def test_1_3_4_prediction_refuses_truncated_2d_and_absurd_spacing_files(model, t
     inp = tmp_path / "in"
     inp.mkdir()
     src = HIPPO / "imagesTr" / f"{other}_0000.nii.gz"
-    shutil.copy(HIPPO / "imagesTr" / f"{good}_0000.nii.gz", inp)
+    hippo_slab(good, inp / f"{good}_0000.nii.gz")
     data = src.read_bytes()
     (inp / "truncated_0000.nii.gz").write_bytes(data[: len(data) // 2])
     img = sitk.ReadImage(str(src))
@@ -247,8 +250,8 @@ def test_1_3_4_prediction_refuses_truncated_2d_and_absurd_spacing_files(model, t
 
 
 def test_5_and_8_prediction_checks_each_checkpoint_like_training_does(model, tmp_path):
-    cnn = model / "samunetTrainer_cnn__samunetPlans__2d" / "fold_all" / "checkpoint_final.pth"
-    linear = model / "samunetTrainer_linear__samunetPlans__2d" / "fold_all" / "checkpoint_final.pth"
+    cnn = model / "samunetTrainer_cnn_n3__samunetPlans__2d" / "fold_0" / "checkpoint_final.pth"
+    linear = model / "samunetTrainer_linear_n3__samunetPlans__2d" / "fold_0" / "checkpoint_final.pth"
     inp = tmp_path / "in"
     inp.mkdir()
     shutil.copy(HIPPO / "imagesTr" / f"{hippo_cases(1)[0]}_0000.nii.gz", inp)
@@ -258,13 +261,13 @@ def test_5_and_8_prediction_checks_each_checkpoint_like_training_does(model, tmp
         shutil.copyfile(linear, cnn)
         _refused(_predict(inp, tmp_path / "o1", "--head", "cnn"),
                  f"{cnn}: checkpoint does not belong to this run", "head is 'linear', expected 'cnn'",
-                 "trainer is 'samunetTrainer_linear', expected 'samunetTrainer_cnn'")
+                 "trainer is 'samunetTrainer_linear_n3', expected 'samunetTrainer_cnn_n3'")
         assert not (tmp_path / "o1").exists()
         cnn.write_bytes(b"")
         _refused(_predict(inp, tmp_path / "o2", "--head", "cnn"),
                  f"{cnn}: not a readable samunet checkpoint (empty file, 0 bytes")
         assert not (tmp_path / "o2").exists()
-        r = _cli("train_entry", "4", "2d", "all", "--head", "cnn", "--c", "--device", "cpu")
+        r = _cli("train_entry", "4", "2d", "0", "--num_labeled_cases", "3", "--head", "cnn", "--c", "--device", "cpu")
         _refused(r, f"{cnn}: not a readable samunet checkpoint (empty file, 0 bytes")
     finally:
         shutil.copyfile(backup, cnn)
@@ -286,21 +289,22 @@ def test_10_samunet_results_that_is_a_file_stops_training_with_a_named_error(mod
     blocker = tmp_path / "results_file"
     blocker.write_text("x")
     env = dict(os.environ, samunet_results=str(blocker))
-    r = _cli("train_entry", "4", "2d", "all", "--head", "autosam", "--device", "cpu", env=env)
-    _refused(r, f"{blocker}/{NAME}/samunetTrainer_autosam__samunetPlans__2d/fold_all: cannot create the run folder")
+    r = _cli("train_entry", "4", "2d", "0", "--num_labeled_cases", "3", "--head", "autosam", "--device", "cpu", env=env)
+    _refused(r, f"{blocker}/{NAME}/samunetTrainer_autosam_n3__samunetPlans__2d/fold_0: cannot create the run folder")
     assert blocker.read_text() == "x"
 
 
 def test_11_a_second_run_of_the_same_fold_is_refused_and_a_dead_run_does_not_block(model):
     from samunet.training.run_lock import RunLock
-    fold = model / "samunetTrainer_linear__samunetPlans__2d" / "fold_all"
+    fold = model / "samunetTrainer_linear_n3__samunetPlans__2d" / "fold_0"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from samunet.training.run_lock import "
                                f"RunLock; l = RunLock({str(fold)!r}).acquire(); print('locked', flush=True); "
                                "time.sleep(120)"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         before = sorted(p.name for p in fold.rglob("*"))
-        r = _cli("train_entry", "4", "2d", "all", "--head", "linear", "--c", "--device", "cpu")
+        r = _cli("train_entry", "4", "2d", "0", "--num_labeled_cases", "3", "--head", "linear", "--c",
+                 "--device", "cpu")
         _refused(r, f"{fold}: another training run of this fold is running: pid {holder.pid} on host "
                     f"{socket.gethostname()}, started {time.strftime('%Y-%m-%d')}")
         assert sorted(p.name for p in fold.rglob("*")) == before

@@ -1,6 +1,6 @@
-"""On the session's trained Hippocampus model: the Python predictor gives samunet_predict's labels voxel for voxel
-from an in-memory array; an exported model installs into an empty samunet_results and predicts identically;
-unsafe zips and foreign encoders are refused with nothing written."""
+"""On the session's trained Hippocampus model and the middle slices of a real case: the Python predictor gives
+samunet_predict's labels voxel for voxel from an in-memory array; an exported model installs into an empty
+samunet_results and predicts identically; unsafe zips and foreign encoders are refused with nothing written."""
 import json
 import zipfile
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import HIPPO
+from conftest import hippo_slab
 from samunet.utils import SamunetError
 from samunet.cli import predict_entry
 from samunet.sharing.cli import export_model_to_zip_entry, install_pretrained_model_from_zip_entry
@@ -41,11 +41,23 @@ def _rezip(src, dst, manifest_edit=None, extra=None):
     return dst
 
 
-def test_predict_single_npy_array_equals_samunet_predict(trained, hippo_cli_prediction):
+def _predict_slab(t, tmp_path, name: str):
+    """samunet_predict (default options) of the middle slices of the model's first validation case: (case, input
+    image, output folder)."""
+    case = t.val_ids[0]
+    inp = tmp_path / f"{name}_in"
+    inp.mkdir(exist_ok=True)
+    image = hippo_slab(case, inp / f"{case}_0000.nii.gz")
+    predict_entry(["-i", str(inp), "-o", str(tmp_path / name), "-d", "4", "-c", "2d", "-tr",
+                   "samunetTrainer_hybrid_n4", "-f", "0", "-device", "cpu", "--disable_progress_bar"])
+    return case, image, tmp_path / name
+
+
+def test_predict_single_npy_array_equals_samunet_predict(trained, tmp_path):
     from samunet.inference.samunet_predictor import SamunetPredictor
     t, _ = trained
-    case, _, out, _ = hippo_cli_prediction
-    img = sitk.ReadImage(str(HIPPO / "imagesTr" / f"{case}_0000.nii.gz"))  # as a viewer holds it: an array
+    case, slab, out = _predict_slab(t, tmp_path, "cli")
+    img = sitk.ReadImage(str(slab))  # as a viewer holds it: an array
     image = sitk.GetArrayFromImage(img)[None].astype(np.float32)        # (C, Z, Y, X) and its spacing
     predictor = SamunetPredictor(device="cpu").initialize_from_trained_model_folder(t.model_dir, [0])
     seg, probs = predictor.predict_single_npy_array(image, {"spacing": list(img.GetSpacing())[::-1]},
@@ -70,9 +82,10 @@ def exported(trained, tmp_path):
     return t, out
 
 
-def test_exported_model_installs_into_empty_results_and_predicts_identically(exported, hippo_cli_prediction,
-                                                                               tmp_path, monkeypatch, capsys):
+def test_exported_model_installs_into_empty_results_and_predicts_identically(exported, tmp_path, monkeypatch,
+                                                                               capsys):
     t, zip_file = exported
+    case, _, cli_out = _predict_slab(t, tmp_path, "original")
     with zipfile.ZipFile(zip_file) as z:
         names = set(z.namelist())
         manifest = json.loads(z.read("samunet_model.json"))
@@ -89,7 +102,6 @@ def test_exported_model_installs_into_empty_results_and_predicts_identically(exp
     assert enc["weights_sha256"] == t.encoder.weights_sha256
     assert fingerprint["dims"] == [3] and "case_identifiers" not in fingerprint and "spacings" not in fingerprint
 
-    case, inp, cli_out, _ = hippo_cli_prediction
     original = t.model_dir
     empty = tmp_path / "other_results"
     empty.mkdir()
@@ -99,10 +111,9 @@ def test_exported_model_installs_into_empty_results_and_predicts_identically(exp
     assert (installed / "fold_0" / "checkpoint_final.pth").read_bytes() == \
         (original / "fold_0" / "checkpoint_final.pth").read_bytes()
     assert not [p for p in empty.iterdir() if p.name.startswith(".")]  # no staging folder left
-    predict_entry(["-i", str(inp), "-o", str(tmp_path / "inst"), "-d", "4", "-c", "2d", "-tr",
-                   "samunetTrainer_hybrid_n4", "-f", "0", "-device", "cpu", "--disable_progress_bar"])
+    _, _, inst_out = _predict_slab(t, tmp_path, "inst")
     a = sitk.ReadImage(str(cli_out / f"{case}.nii.gz"))
-    b = sitk.ReadImage(str(tmp_path / "inst" / f"{case}.nii.gz"))
+    b = sitk.ReadImage(str(inst_out / f"{case}.nii.gz"))
     assert np.array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
     assert a.GetSpacing() == b.GetSpacing() and a.GetOrigin() == b.GetOrigin()
     assert sitk.GetArrayFromImage(a).max() > 0  # the model segments something
