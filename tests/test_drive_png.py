@@ -20,7 +20,8 @@ def test_drive_trains_and_predicts_png_in_original_geometry(samunet_dirs, tmp_pa
                      batch_size=4)
     assert len(t.val_ids) == 1 and len(t.train_ids) == 1
     summary = json.loads((t.output / "validation" / "summary.json").read_text())
-    assert summary["foreground_mean"]["Dice"] > 0.3, summary["mean"]  # vessels found after 30 steps of 4 tiles of one image
+    # vessels found after 30 steps of 4 tiles of one image
+    assert summary["foreground_mean"]["Dice"] > 0.3, summary["mean"]
     # augmented views of RGB tiles (the hybrid head's strong augmentation): one view of a case, every tile encoded
     from samunet.training.augmented_views import AugmentedViews
     views = AugmentedViews(t.cache, canvas=256, views=1)

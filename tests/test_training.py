@@ -125,13 +125,18 @@ def test_predict_matches_validation_and_keeps_geometry(trained, hippo_env, hippo
     assert abs(predicted - validated) < 0.01, (predicted, validated)
     # a head trained on cached embeddings without augmented views never saw mirrored slices: mirroring TTA is not
     # applied to it (it would swap anterior and posterior), so the default prediction gives the labels that
-    # --disable_tta gives, with a warning
+    # --disable_tta gives (checked on the middle slices of the case), with a warning
     assert "mirroring test-time augmentation is not applied" in stderr
     assert json.loads((out / "predict_from_raw_data_args.json").read_text())["tta_applied"] is False
-    r = run_entry("predict_entry", "-i", inp, "-o", tmp_path / "notta", "-d", "4", "-c", "2d", "-f", "0",
-                  "--num_labeled_cases", "4", "--head", "hybrid", "--disable_tta")
-    assert r.returncode == 0, r.stderr
-    assert np.array_equal(_read(tmp_path / "notta" / f"{first}.nii.gz"), _read(out / f"{first}.nii.gz"))
+    slab = tmp_path / "slab"
+    slab.mkdir()
+    hippo_slab(first, slab / f"{first}_0000.nii.gz")
+    for name, extra in (("default", ()), ("notta", ("--disable_tta",))):
+        r = run_entry("predict_entry", "-i", slab, "-o", tmp_path / name, "-d", "4", "-c", "2d", "-f", "0",
+                      "--num_labeled_cases", "4", "--head", "hybrid", *extra)
+        assert r.returncode == 0, r.stderr
+    default, notta = (_read(tmp_path / name / f"{first}.nii.gz") for name in ("default", "notta"))
+    assert np.array_equal(default, notta)
 
 
 def test_predict_bad_inputs_are_named_and_others_still_predicted(trained, hippo_env, tmp_path):
