@@ -95,6 +95,17 @@ def hippo_slab(case: str, dst: Path, n: int = 8) -> Path:
     return dst
 
 
+def predict_slab(case: str, out: Path, *args) -> Path:
+    """``samunet_predict`` (in this process, with ``args`` after -i / -o) of ``hippo_slab(case)``, written to ``out``;
+    the input lies in ``<out>_in``. Returns ``out``."""
+    inp = out.with_name(f"{out.name}_in")
+    inp.mkdir()
+    hippo_slab(case, inp / f"{case}_0000.nii.gz")
+    r = run_entry("predict_entry", "-i", inp, "-o", out, *args)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
 def tree_snapshot(folder: Path) -> dict:
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
 

@@ -223,6 +223,11 @@ def model(hippo20, tmp_path_factory):
         yield results / NAME
 
 
+def _train(*args, env=None):
+    """samunet_train of the fixture's runs (fold 0, 3 labelled cases) on the CPU."""
+    return _cli("train_entry", "4", "2d", "0", "--num_labeled_cases", "3", *args, "--device", "cpu", env=env)
+
+
 def _predict(inp, out, *extra):
     return _cli("predict_entry", "-i", inp, "-o", out, "-d", "4", "-c", "2d", "-f", "0", "--num_labeled_cases", "3",
                 "--disable_tta", "--device", "cpu", *(extra or ("--head", "linear")))
@@ -267,7 +272,7 @@ def test_5_and_8_prediction_checks_each_checkpoint_like_training_does(model, tmp
         _refused(_predict(inp, tmp_path / "o2", "--head", "cnn"),
                  f"{cnn}: not a readable samunet checkpoint (empty file, 0 bytes")
         assert not (tmp_path / "o2").exists()
-        r = _cli("train_entry", "4", "2d", "0", "--num_labeled_cases", "3", "--head", "cnn", "--c", "--device", "cpu")
+        r = _train("--head", "cnn", "--c")
         _refused(r, f"{cnn}: not a readable samunet checkpoint (empty file, 0 bytes")
     finally:
         shutil.copyfile(backup, cnn)
@@ -289,7 +294,7 @@ def test_10_samunet_results_that_is_a_file_stops_training_with_a_named_error(mod
     blocker = tmp_path / "results_file"
     blocker.write_text("x")
     env = dict(os.environ, samunet_results=str(blocker))
-    r = _cli("train_entry", "4", "2d", "0", "--num_labeled_cases", "3", "--head", "autosam", "--device", "cpu", env=env)
+    r = _train("--head", "autosam", env=env)
     _refused(r, f"{blocker}/{NAME}/samunetTrainer_autosam_n3__samunetPlans__2d/fold_0: cannot create the run folder")
     assert blocker.read_text() == "x"
 
@@ -303,8 +308,7 @@ def test_11_a_second_run_of_the_same_fold_is_refused_and_a_dead_run_does_not_blo
     try:
         assert holder.stdout.readline().strip() == "locked"
         before = sorted(p.name for p in fold.rglob("*"))
-        r = _cli("train_entry", "4", "2d", "0", "--num_labeled_cases", "3", "--head", "linear", "--c",
-                 "--device", "cpu")
+        r = _train("--head", "linear", "--c")
         _refused(r, f"{fold}: another training run of this fold is running: pid {holder.pid} on host "
                     f"{socket.gethostname()}, started {time.strftime('%Y-%m-%d')}")
         assert sorted(p.name for p in fold.rglob("*")) == before

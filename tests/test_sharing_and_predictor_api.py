@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import hippo_slab
+from conftest import predict_slab
 from samunet.utils import SamunetError
-from samunet.cli import predict_entry
 from samunet.sharing.cli import export_model_to_zip_entry, install_pretrained_model_from_zip_entry
 
 NAME = "Dataset004_Hippocampus"
@@ -45,12 +44,9 @@ def _predict_slab(t, tmp_path, name: str):
     """samunet_predict (default options) of the middle slices of the model's first validation case: (case, input
     image, output folder)."""
     case = t.val_ids[0]
-    inp = tmp_path / f"{name}_in"
-    inp.mkdir(exist_ok=True)
-    image = hippo_slab(case, inp / f"{case}_0000.nii.gz")
-    predict_entry(["-i", str(inp), "-o", str(tmp_path / name), "-d", "4", "-c", "2d", "-tr",
-                   "samunetTrainer_hybrid_n4", "-f", "0", "-device", "cpu", "--disable_progress_bar"])
-    return case, image, tmp_path / name
+    out = predict_slab(case, tmp_path / name, "-d", "4", "-c", "2d", "-tr", "samunetTrainer_hybrid_n4", "-f", "0",
+                       "-device", "cpu", "--disable_progress_bar")
+    return case, tmp_path / f"{name}_in" / f"{case}_0000.nii.gz", out
 
 
 def test_predict_single_npy_array_equals_samunet_predict(trained, tmp_path):

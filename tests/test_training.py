@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import HIPPO, hippo_slab, run_entry
+from conftest import HIPPO, hippo_slab, predict_slab, run_entry
 from samunet.utils import SamunetError
 
 NAME = "Dataset004_Hippocampus"
@@ -128,14 +128,9 @@ def test_predict_matches_validation_and_keeps_geometry(trained, hippo_env, hippo
     # --disable_tta gives (checked on the middle slices of the case), with a warning
     assert "mirroring test-time augmentation is not applied" in stderr
     assert json.loads((out / "predict_from_raw_data_args.json").read_text())["tta_applied"] is False
-    slab = tmp_path / "slab"
-    slab.mkdir()
-    hippo_slab(first, slab / f"{first}_0000.nii.gz")
-    for name, extra in (("default", ()), ("notta", ("--disable_tta",))):
-        r = run_entry("predict_entry", "-i", slab, "-o", tmp_path / name, "-d", "4", "-c", "2d", "-f", "0",
-                      "--num_labeled_cases", "4", "--head", "hybrid", *extra)
-        assert r.returncode == 0, r.stderr
-    default, notta = (_read(tmp_path / name / f"{first}.nii.gz") for name in ("default", "notta"))
+    args = ("-d", "4", "-c", "2d", "-f", "0", "--num_labeled_cases", "4", "--head", "hybrid")
+    default = _read(predict_slab(first, tmp_path / "default", *args) / f"{first}.nii.gz")
+    notta = _read(predict_slab(first, tmp_path / "notta", *args, "--disable_tta") / f"{first}.nii.gz")
     assert np.array_equal(default, notta)
 
 

@@ -36,7 +36,7 @@ class _DropPath(nn.Module):
 
 
 def _timm_stand_in() -> dict:
-    """The three timm names the vendored TinyViT module imports, as modules to put in ``sys.modules``."""
+    """The four timm names the vendored TinyViT module imports, as modules to put in ``sys.modules``."""
     layers = types.ModuleType("timm.models.layers")
     layers.DropPath = _DropPath
     layers.to_2tuple = lambda x: tuple(x) if isinstance(x, (tuple, list)) else (x, x)
