@@ -147,7 +147,7 @@ class EmbeddingCache:
         if pending:
             flush()
         emb.flush()
-        del emb
+        emb = None  # releases the memory map (flush() sees the same variable) before the rename
         tmp.replace(final)
         tgt = torch.cat(targets).short().numpy() if targets else np.zeros((0,), np.int16)
         atomic_save_npy(self.folder / f"{ident}_target.npy", tgt)
