@@ -371,13 +371,17 @@ class NnUNet:
                 epochs.append(e)
         return max(epochs) if epochs else None
 
-    def cell(self, n: str, idx: int, train: list[str], val: list[str], ending: str, raw: Path) -> dict:
+    def cell(self, n: str, idx: int, train: list[str], val: list[str], ending: str, raw: Path,
+             name: str | None = None) -> dict:
+        """Train (or resume, or only validate) nnU-Net on fold ``idx`` under this budget and score it; ``name``
+        (default ``nnunet_n<n>``) names its wall-time record, logs and evaluation."""
+        name = name or f"nnunet_n{n}"
         out = self.results / self.a.dataset_name / f"{NNUNET_TRAINER}__nnUNetPlans__2d" / f"fold_{idx}"
-        cell_file = self.work / "cells" / f"nnunet_n{n}.json"
+        cell_file = self.work / "cells" / f"{name}.json"
         cell = load_json(cell_file) if cell_file.is_file() else {"wall_s": 0.0}
         cmd = [str(self.bin / "nnUNetv2_train"), str(self.a.dataset), "2d", str(idx), "-tr", NNUNET_TRAINER,
                "-device", "cpu" if self.a.device == "cpu" else "cuda"]
-        logf = self.work / "logs" / f"nnunet_n{n}.log"
+        logf = self.work / "logs" / f"{name}.log"
         if self.a.report_only and not ((out / "checkpoint_final.pth").is_file()
                                        and predictions_complete(out / "validation", val, ending)):
             log(f"nnunet n={n}: not finished; left out of the report (--report_only)")
@@ -390,7 +394,7 @@ class NnUNet:
         else:
             log(f"nnunet n={n}: already trained and validated")
         save_json(cell, cell_file)
-        result = evaluate(raw, out / "validation", val, ending, self.work / "eval" / f"nnunet_n{n}.json")
+        result = evaluate(raw, out / "validation", val, ending, self.work / "eval" / f"{name}.json")
         text = "".join(f.read_text(errors="replace") for f in run_logs(out))
         epoch_times = [float(t) for t in re.findall(r"Epoch time: ([0-9.]+) s", text)]
         train_time = sum(epoch_times) if epoch_times else None
@@ -410,6 +414,14 @@ class NnUNet:
                 "training_time_s": round(train_time, 1) if train_time is not None else None,
                 "training_time_note": "sum of nnU-Net's logged epoch times",
                 "cell_wall_s": round(cell["wall_s"], 1), "model_folder": str(out)}
+
+
+def nnunet_owes(recorded: dict, longest: int, extensions: int) -> bool:
+    """Whether a recorded nnU-Net plateau cell must be trained (again): fewer iterations than its column's longest
+    samunet cell, or still rising with an extension of 25% more epochs not yet run."""
+    if recorded.get("iterations_done", 0) < longest:
+        return True
+    return bool(recorded.get("still_rising")) and len(recorded.get("shorter_runs", [])) < extensions
 
 
 # ----------------------------------------------------------------------------------------------- reports
@@ -448,6 +460,8 @@ def markdown(report: dict) -> str:
             rising = " (still rising)" if c.get("still_rising") else ""
             if report.get("plateau") and c.get("stopped_early") is False and c.get("epochs_done") == c.get("epochs"):
                 rising = " (at the epoch cap: no plateau within it)"
+            for r in c.get("shorter_runs", []):
+                rising += f" (shorter run, {r['iterations_done']} it: {r['mean_foreground_dice']:.3f}, still rising)"
             if c.get("fewer_iterations_than_longest_samunet_cell"):
                 rising += f" (fewer than the column's longest samunet cell, {c['fewer_iterations_than_longest_samunet_cell']} it)"
             pre = f" + {fmt_time(c['pretraining_time_s'])} pre-training" if "pretraining_time_s" in c else ""
@@ -482,7 +496,8 @@ def markdown(report: dict) -> str:
                     f"(epochs of {b['nnunet']['iterations']} iterations x batch {b['nnunet']['batch_size']}, "
                     f"{b['nnunet']['val_iterations']} validation iterations per epoch, {NNUNET_TRAINER}); its own 2d "
                     "plans, preprocessing and augmentation; '(still rising)' marks a cell whose own moving-average "
-                    "pseudo-Dice set a new best in its last fifth of epochs")
+                    "pseudo-Dice set a new best in its last fifth of epochs; such a cell is trained again from "
+                    "scratch with 25% more epochs (the shorter run's Dice shown after it)")
     elif "nnunet" in b:
         text.append(f"- nnU-Net: {b['nnunet']['epochs']} x {b['nnunet']['iterations']} x "
                     f"{b['nnunet']['batch_size'] or 'plan'} ({NNUNET_TRAINER}, {b['nnunet']['val_iterations']} "
@@ -581,6 +596,9 @@ def main(argv=None):
     p.add_argument("--nnunet_iterations", type=int, default=None, help="nnU-Net: iterations (default 250)")
     p.add_argument("--nnunet_val_iterations", type=int, default=None, help="nnU-Net: (default 50)")
     p.add_argument("--nnunet_batch_size", type=int, default=None, help="nnU-Net: batch size (default: its plans)")
+    p.add_argument("--nnunet_extensions", type=int, default=1,
+                   help="--plateau: an nnU-Net cell still rising at the end is trained again from scratch with 25%% "
+                        "more epochs, up to this many times (default 1; 0: never)")
     p.add_argument("--nnunet_bin", default=None, help="bin folder of nnU-Net's environment")
     p.add_argument("--nnunet_da_processes", type=int, default=0,
                    help="nnU-Net augmentation worker processes (default 0: in the training process)")
@@ -698,7 +716,7 @@ def main(argv=None):
                 longest = max(done) if done else max(b["epochs"] * b["iterations"] for b in (heads_b, unet_b))
             recorded = cells.get(key)
             if recorded is not None and not a.retrain and not (work / "cells" / f"{key}.json").is_file() and \
-                    not (m == "nnunet" and a.plateau and recorded.get("iterations_done", 0) < longest):
+                    not (m == "nnunet" and a.plateau and nnunet_owes(recorded, longest, a.nnunet_extensions)):
                 # a finished cell of the results file, trained on another machine whose work folder is not here:
                 # keep it rather than train it again or drop it from the report
                 log(f"{key}: kept as recorded in {report_file.name} (no trace of it under {work}; --retrain "
@@ -712,7 +730,28 @@ def main(argv=None):
                         continue
                     column_nn = NnUNet(a, work, {**nn_b, "epochs": -(-longest // nn_b["iterations"])})
                 idx = column_nn.split_index(splits, a.fold, subsets[s], val)  # 'all' finds fold K itself
-                cell = column_nn.cell(s, idx, subsets[s], val, ending, a.raw)
+                if a.plateau and recorded is not None and not a.retrain and recorded.get("iterations_done", 0) >= \
+                        longest and not (work / "cells" / f"{key}.json").is_file():
+                    # long enough but still rising, trained elsewhere: only the extension is trained here
+                    cell = dict(recorded)
+                    column_nn = NnUNet(a, work, {**nn_b, "epochs": cell["epochs"]})
+                else:
+                    cell = column_nn.cell(s, idx, subsets[s], val, ending, a.raw)
+                shorter = cell.pop("shorter_runs", []) if cell else []
+                for _ in range(a.nnunet_extensions - len(shorter) if a.plateau else 0):  # still rising: 25% more
+                    if cell is None or not cell["still_rising"]:
+                        break
+                    epochs = -(-column_nn.budget["epochs"] * 5 // 4)
+                    shorter.append({k: cell[k] for k in ("iterations_done", "mean_foreground_dice", "dice_per_class",
+                                                         "training_time_s", "cell_wall_s", "last_new_best_epoch")})
+                    longer_nn = NnUNet(a, work, {**nn_b, "epochs": epochs})
+                    longer = longer_nn.cell(s, idx, subsets[s], val, ending, a.raw, name=f"nnunet_n{s}_e{epochs}")
+                    if longer is None:  # --report_only and the longer run has not finished: the shorter one
+                        cell["longer_run_unfinished_iterations"] = epochs * nn_b["iterations"]
+                        break
+                    cell, column_nn = longer, longer_nn
+                if shorter:
+                    cell["shorter_runs"] = shorter
                 if cell is None and a.plateau and a.report_only:  # no run of that length: the longest finished
                     finished = column_nn.longest_finished(idx, val, ending)
                     if finished is not None:
@@ -795,13 +834,16 @@ def main(argv=None):
                           "unet": cfg.get("unet") or __import__("samunet.models.unet", fromlist=["x"]).canvas_block(
                               cfg)},
         "nnunet_preprocess_wall_s": nn.preprocess_time() if nn else None,
-        "cells": {k: cells[k] for k in cells if k.split("_n")[0] in methods},
+        # every recorded cell stays, also those of methods or settings this invocation leaves out (an invocation
+        # for one cell must not drop the others); the tables show this invocation's methods and settings
+        "cells": cells,
         "crosscheck_predict": crosscheck,
         "missing_cells": missing,
         "notes": notes,
     }
     report["wall_s_this_invocation"] = run_info["wall_s"]
-    report["wall_s_cells_total"] = round(sum(c.get("cell_wall_s", 0) for c in report["cells"].values())
+    shown = [cells[f"{m}_n{s}"] for s in labeled for m in methods if f"{m}_n{s}" in cells]
+    report["wall_s_cells_total"] = round(sum(c.get("cell_wall_s", 0) for c in shown)
                                          + (report["nnunet_preprocess_wall_s"] or 0), 1)
     report = portable(report)
     save_json(report, report_file)
