@@ -47,17 +47,16 @@ def copy_dataset(src: Path, raw: Path, cases: list[str] | None = None, name: str
     return dst
 
 
-def run_entry(entry: str, *args, env: dict | None = None,
-              module: str = "samunet.cli") -> subprocess.CompletedProcess:
-    """A samunet command run in this process, as its console script runs it but without an interpreter's start-up
-    (seconds each): exit code, stdout and stderr as a subprocess gives them; ``env`` replaces the environment for
-    the call. An exception escaping the command becomes a traceback on stderr and exit code 1, which the callers'
-    "no traceback" checks catch."""
+def run_entry(entry, *args, env: dict | None = None, module: str = "samunet.cli") -> subprocess.CompletedProcess:
+    """A samunet command (an entry point's name in ``module``, or the function itself) run in this process, as its
+    console script runs it but without an interpreter's start-up (seconds each): exit code, stdout and stderr as a
+    subprocess gives them; ``env`` replaces the environment for the call. An exception escaping the command becomes a
+    traceback on stderr and exit code 1, which the callers' "no traceback" checks catch."""
     import importlib
     import io
     import traceback
     import torch
-    func = getattr(importlib.import_module(module), entry)
+    func = entry if callable(entry) else getattr(importlib.import_module(module), entry)
     out, err = io.StringIO(), io.StringIO()
     saved, threads = dict(os.environ), torch.get_num_threads()
     if env is not None:
@@ -78,6 +77,16 @@ def run_entry(entry: str, *args, env: dict | None = None,
         os.environ.update(saved)
         torch.set_num_threads(threads)
     return subprocess.CompletedProcess([entry, *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
+def refused(entry, *args, expect: str) -> str:
+    """Run a command (as ``run_entry``) that must refuse: exit code 1, an ``error: `` line naming ``expect``, no
+    traceback. Returns its stderr."""
+    r = run_entry(entry, *args)
+    err = r.stderr
+    assert r.returncode == 1 and "\nerror: " in "\n" + err and "Traceback" not in err, err
+    assert expect in err, err
+    return err
 
 
 def hippo_cases(n: int) -> list[str]:

@@ -5,16 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from conftest import HIPPO, copy_dataset, hippo_cases
+from conftest import HIPPO, copy_dataset, hippo_cases, refused
 from samunet.cli import predict_entry, preprocess_entry, train_entry
 from samunet.crossval_and_plans_cli import accumulate_crossval_results_entry, move_plans_between_datasets_entry
-
-
-def _refused(capsys, func, argv, expect):
-    with pytest.raises(SystemExit) as e:
-        func(argv)
-    err = capsys.readouterr().err
-    assert e.value.code == 1 and "Traceback" not in err and expect in err, err
 
 
 def test_accumulate_crossval_results_matches_the_fold_validation(trained):
@@ -28,7 +21,7 @@ def test_accumulate_crossval_results_matches_the_fold_validation(trained):
         assert got["mean"][c]["Dice"] == pytest.approx(want["mean"][c]["Dice"], abs=1e-12)
 
 
-def test_moved_plans_preprocess_another_data_set_exactly_like_the_source(trained, hippo_env, capsys):
+def test_moved_plans_preprocess_another_data_set_exactly_like_the_source(trained, hippo_env):
     raw, pp = hippo_env / "samunet_raw", hippo_env / "samunet_preprocessed"
     target = "Dataset104_HippoSubset"
     cases = hippo_cases(2)
@@ -43,8 +36,8 @@ def test_moved_plans_preprocess_another_data_set_exactly_like_the_source(trained
     assert moved["configurations"]["2d"]["data_identifier"] == "hippoPlans_2d"
     for key in ("preprocessing_identity", "encoder_input_size", "target_spacing_inplane", "normalization", "head"):
         assert moved["configurations"]["2d"][key] == source["configurations"]["2d"][key], key
-    _refused(capsys, move_plans_between_datasets_entry, ["-s", "4", "-t", "104", "-tp", "hippoPlans"],
-             "hippoPlans.json: exists; pass --overwrite")
+    refused(move_plans_between_datasets_entry, "-s", "4", "-t", "104", "-tp", "hippoPlans",
+            expect="hippoPlans.json: exists; pass --overwrite")
     from samunet.plan_and_preprocess import extract_fingerprint
     extract_fingerprint(target, num_processes=1)
     preprocess_entry(["-d", "104", "-c", "2d", "-plans_name", "hippoPlans", "-np", "1"])
@@ -54,23 +47,23 @@ def test_moved_plans_preprocess_another_data_set_exactly_like_the_source(trained
         assert np.array_equal(a, b)
     meta["channel_names"] = {"0": "MRI", "1": "T2"}
     (raw / target / "dataset.json").write_text(json.dumps(meta))
-    _refused(capsys, move_plans_between_datasets_entry, ["-s", "4", "-t", "104", "-tp", "other"],
-             "2 channel(s), but the plans of Dataset004_Hippocampus are for 1")
+    refused(move_plans_between_datasets_entry, "-s", "4", "-t", "104", "-tp", "other",
+            expect="2 channel(s), but the plans of Dataset004_Hippocampus are for 1")
 
 
-def test_trainer_names_and_step_size_are_checked_before_any_work(trained, tmp_path, capsys):
-    _refused(capsys, train_entry, ["4", "2d", "0", "-tr", "nnUNetTrainer", "-device", "cpu"],
-             "-tr nnUNetTrainer: not a samunet trainer name")
-    _refused(capsys, train_entry, ["4", "2d", "0", "-tr", "samunetTrainer_cnn", "--head", "autosam"],
-             "name different heads")
+def test_trainer_names_and_step_size_are_checked_before_any_work(trained, tmp_path):
+    refused(train_entry, "4", "2d", "0", "-tr", "nnUNetTrainer", "-device", "cpu",
+            expect="-tr nnUNetTrainer: not a samunet trainer name")
+    refused(train_entry, "4", "2d", "0", "-tr", "samunetTrainer_cnn", "--head", "autosam",
+            expect="name different heads")
     (tmp_path / "in").mkdir()
-    _refused(capsys, predict_entry, ["-i", str(tmp_path / "in"), "-o", str(tmp_path / "o"), "-d", "4", "-c", "2d",
-                                     "-tr", "samunetTrainer_hybrid_n4", "-step_size", "1.5"],
-             "step size 1.5: must lie in (0, 1]")
+    refused(predict_entry, "-i", str(tmp_path / "in"), "-o", str(tmp_path / "o"), "-d", "4", "-c", "2d",
+            "-tr", "samunetTrainer_hybrid_n4", "-step_size", "1.5",
+            expect="step size 1.5: must lie in (0, 1]")
     assert not (tmp_path / "o").exists()
 
 
-def test_predict_without_head_takes_the_plans_head_or_the_only_trained_one(trained, tmp_path, capsys):
+def test_predict_without_head_takes_the_plans_head_or_the_only_trained_one(trained, tmp_path):
     import shutil
     from samunet.paths import results_folder
     (tmp_path / "in").mkdir()
@@ -80,16 +73,16 @@ def test_predict_without_head_takes_the_plans_head_or_the_only_trained_one(train
     try:
         for f in folders:
             f.mkdir()
-        _refused(capsys, predict_entry, argv, "the plans' hybrid head has no trained model samunetTrainer_hybrid_n9 "
-                 "for Dataset004_Hippocampus configuration 2d; trained heads: autosam, cnn; choose one with --head")
+        refused(predict_entry, *argv, expect="the plans' hybrid head has no trained model samunetTrainer_hybrid_n9 "
+                "for Dataset004_Hippocampus configuration 2d; trained heads: autosam, cnn; choose one with --head")
         folders[1].rmdir()
-        _refused(capsys, predict_entry, argv, "samunetTrainer_autosam_n9__samunetPlans__2d")  # the only one, used
+        refused(predict_entry, *argv, expect="samunetTrainer_autosam_n9__samunetPlans__2d")  # the only one, used
         # samunet_accumulate_crossval_results follows the same rule (its models have no _n suffix)
         plain = results_folder() / "Dataset004_Hippocampus" / "samunetTrainer_cnn__samunetPlans__2d"
         folders.append(plain)
         plain.mkdir()
-        _refused(capsys, accumulate_crossval_results_entry, ["-d", "4", "-c", "2d", "-f", "0"],
-                 "samunetTrainer_cnn__samunetPlans__2d: no final validation for fold(s) 0")
+        refused(accumulate_crossval_results_entry, "-d", "4", "-c", "2d", "-f", "0",
+                expect="samunetTrainer_cnn__samunetPlans__2d: no final validation for fold(s) 0")
     finally:
         for f in folders:
             shutil.rmtree(f, ignore_errors=True)

@@ -8,21 +8,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import predict_slab
+from conftest import predict_slab, refused
 from samunet.utils import SamunetError
 from samunet.sharing.cli import export_model_to_zip_entry, install_pretrained_model_from_zip_entry
 
 NAME = "Dataset004_Hippocampus"
 MODEL = "samunetTrainer_hybrid_n4__samunetPlans__2d"
-
-
-def _refused(capsys, func, *argv, expect: str):
-    with pytest.raises(SystemExit) as e:
-        func(list(argv))
-    err = capsys.readouterr().err
-    assert e.value.code == 1 and "\nerror: " in "\n" + err and "Traceback" not in err, err
-    assert expect in err, err
-    return err
 
 
 def _rezip(src, dst, manifest_edit=None, extra=None):
@@ -78,8 +69,7 @@ def exported(trained, tmp_path):
     return t, out
 
 
-def test_exported_model_installs_into_empty_results_and_predicts_identically(exported, tmp_path, monkeypatch,
-                                                                               capsys):
+def test_exported_model_installs_into_empty_results_and_predicts_identically(exported, tmp_path, monkeypatch):
     t, zip_file = exported
     case, _, cli_out = _predict_slab(t, tmp_path, "original")
     with zipfile.ZipFile(zip_file) as z:
@@ -119,40 +109,39 @@ def test_exported_model_installs_into_empty_results_and_predicts_identically(exp
     plans = installed / "plans.json"
     plans.write_text(plans.read_text().replace('"seed"', '"seed_edited"'))
     edited = plans.read_text()
-    _refused(capsys, install_pretrained_model_from_zip_entry, str(zip_file),
-             expect="1 file(s) of an installed model would be replaced; nothing was installed (pass --overwrite")
+    refused(install_pretrained_model_from_zip_entry, str(zip_file),
+            expect="1 file(s) of an installed model would be replaced; nothing was installed (pass --overwrite")
     assert plans.read_text() == edited
     install_pretrained_model_from_zip_entry([str(zip_file), "--overwrite"])
     assert plans.read_text() != edited
 
 
-def test_unsafe_entries_and_foreign_encoders_are_refused_with_nothing_written(exported, tmp_path, monkeypatch,
-                                                                             capsys):
+def test_unsafe_entries_and_foreign_encoders_are_refused_with_nothing_written(exported, tmp_path, monkeypatch):
     _, zip_file = exported
     results = tmp_path / "fresh_results"
     results.mkdir()
     monkeypatch.setenv("samunet_results", str(results))
     evil = _rezip(zip_file, tmp_path / "evil.zip", extra={f"{NAME}/../../escaped.txt": b"x"})
-    _refused(capsys, install_pretrained_model_from_zip_entry, str(evil),
-             expect="'Dataset004_Hippocampus/../../escaped.txt': a path with '..' that would land outside")
+    refused(install_pretrained_model_from_zip_entry, str(evil),
+            expect="'Dataset004_Hippocampus/../../escaped.txt': a path with '..' that would land outside")
     absolute = _rezip(zip_file, tmp_path / "abs.zip", extra={"/tmp/escaped.txt": b"x"})
-    _refused(capsys, install_pretrained_model_from_zip_entry, str(absolute), expect="an absolute or Windows path")
+    refused(install_pretrained_model_from_zip_entry, str(absolute), expect="an absolute or Windows path")
 
     def other_weights(m):
         m["models"][0]["encoder"]["weights_sha256"] = "0" * 64
     foreign = _rezip(zip_file, tmp_path / "foreign.zip", other_weights)
-    _refused(capsys, install_pretrained_model_from_zip_entry, str(foreign),
-             expect="was trained on encoder 'lite_medsam' with weights SHA-256 0000000000000000..., but the "
-                    "weights here differ")
+    refused(install_pretrained_model_from_zip_entry, str(foreign),
+            expect="was trained on encoder 'lite_medsam' with weights SHA-256 0000000000000000..., but the "
+                   "weights here differ")
 
     def sam(m):
         m["models"][0]["encoder"]["name"] = "sam_vit_b"
     for var in ("SAMUNET_SAM_CHECKPOINT_DIR", "SAMUNET_SAM_VIT_B_CHECKPOINT"):
         monkeypatch.delenv(var, raising=False)
     missing = _rezip(zip_file, tmp_path / "sam.zip", sam)
-    _refused(capsys, install_pretrained_model_from_zip_entry, str(missing),
-             expect="encoder 'sam_vit_b' needed by the model is not available here")
+    refused(install_pretrained_model_from_zip_entry, str(missing),
+            expect="encoder 'sam_vit_b' needed by the model is not available here")
     (tmp_path / "not.zip").write_bytes(b"PK\x03\x04 truncated")
-    _refused(capsys, install_pretrained_model_from_zip_entry, str(tmp_path / "not.zip"),
-             expect="not a readable zip file")
+    refused(install_pretrained_model_from_zip_entry, str(tmp_path / "not.zip"),
+            expect="not a readable zip file")
     assert list(results.iterdir()) == [] and not (tmp_path.parent / "escaped.txt").exists()
