@@ -211,8 +211,8 @@ def train_entry(argv=None):
         from samunet.inference.predict import check_trainer_name
         a.head = check_trainer_name(a.tr, a.head, a.num_labeled_cases)
         if ("_ssl" in a.tr) != (a.pretrained_weights is not None):
-            raise SamunetError(f"-tr {a.tr}: samunetTrainer_unet_ssl[_nN] is the U-Net fine-tuned from samunet_pretrain "
-                               "weights; give --pretrained_weights exactly with it")
+            raise SamunetError(f"-tr {a.tr}: samunetTrainer_unet_ssl[_nN] is the U-Net fine-tuned from "
+                               "samunet_pretrain weights; give --pretrained_weights exactly with it")
         n = re.search(r"_n(\d+)$", a.tr)
         a.num_labeled_cases = a.num_labeled_cases or (int(n.group(1)) if n else None)
     from samunet.scale_cli import train_processes
@@ -252,9 +252,9 @@ def _add_predict_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", required=True, help="output folder")
     p.add_argument("-f", nargs="+", default=None, help="folds to ensemble (default: every trained fold)")
     p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default checkpoint_final.pth)")
-    p.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation (4x faster); it is applied only to models "
-                                                             "trained with mirroring augmentation (not heads trained "
-                                                             "on cached embeddings)")
+    p.add_argument("--disable_tta", action="store_true",
+                   help="no mirroring test-time augmentation (4x faster); it is applied only to models trained with "
+                        "mirroring augmentation (not heads trained on cached embeddings)")
     p.add_argument("--save_probabilities", action="store_true", help="also write CASE.npz with probabilities")
     p.add_argument("--continue_prediction", action="store_true", help="skip cases whose output already exists")
     p.add_argument("-step_size", type=float, default=None,

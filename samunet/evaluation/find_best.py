@@ -79,7 +79,8 @@ def find_best_configuration(dataset, folds=(0, 1, 2, 3, 4), allow_ensembles: boo
     for classes in [labels] + ([[c] for c in labels] if len(labels) > 1 else []):
         out = work / f"postprocessing_{best}" / "_".join(map(str, classes))
         apply_postprocessing_folder(folders[best], out, {"keep_largest_component": classes}, ending)
-        d = evaluate_folder(gt, out, labels, ending, output_file=out / "summary.json", chill=True)["foreground_mean"]["Dice"]
+        d = evaluate_folder(gt, out, labels, ending, output_file=out / "summary.json",
+                            chill=True)["foreground_mean"]["Dice"]
         trials["_".join(map(str, classes))] = d
         if d > base + 1e-4 and len(classes) > 1:
             pp_classes = list(classes)

@@ -116,7 +116,8 @@ def _with_context(emb: torch.Tensor, chunk: range, ext: range, n_tiles: int, con
     return torch.stack(rows)
 
 
-def probabilities_to_segmentation(probs_pp: np.ndarray, properties: dict, label_values) -> tuple[np.ndarray, np.ndarray]:
+def probabilities_to_segmentation(probs_pp: np.ndarray, properties: dict,
+                                  label_values) -> tuple[np.ndarray, np.ndarray]:
     """Preprocessed-space probabilities -> (label map, probabilities) in the original array's geometry."""
     probs = revert_probabilities(probs_pp, properties)
     seg = np.asarray(sorted(label_values))[probs.argmax(0)]

@@ -12,10 +12,10 @@ trained from scratch sees every pixel but has no prior, so it needs many labelle
 * **Image path**: dynamic-network-architectures' ``PlainConvEncoder`` / ``UNetDecoder``, configured by nnU-Net's
   2d rule (``unet_block``) for a Q x Q canvas, where Q is the planner's ``hybrid.canvas_size`` (the U-Net's
   canvas, ``canvas_block``): the median slice extent rounded up to a multiple of 16 and capped at the encoder
-  input P (Hippocampus: 64 px for slices of about 36 x 50 px, against P = 128). The slice is laid out on the canvas exactly as on the encoder input (longest side
-  scaled to the canvas, top-left, zero padding; in sliding-window mode Q = P and the tiles coincide), so the canvas
-  and the embedding grid cover the same extent and relate by a uniform scale. Its cost per iteration is that of a
-  2d nnU-Net on a Q x Q patch.
+  input P (Hippocampus: 64 px for slices of about 36 x 50 px, against P = 128). The slice is laid out on the canvas
+  exactly as on the encoder input (longest side scaled to the canvas, top-left, zero padding; in sliding-window
+  mode Q = P and the tiles coincide), so the canvas and the embedding grid cover the same extent and relate by a
+  uniform scale. Its cost per iteration is that of a 2d nnU-Net on a Q x Q patch.
 * **Embedding path**: the frozen embedding (fused over channels as in every head, plus the pretrained "no mask"
   dense prompt) goes through a copy of the pretrained SAM mask decoder's upscaling path (two 2x transposed
   convolutions, 256 -> 64 -> 32 channels for LiteMedSAM), the one part of the decoder that needs no prompt tokens;

@@ -38,7 +38,8 @@ def device_training_plan(config: dict, spec: EncoderSpec, head: str, memory_gb: 
         on_the_fly = epoch_s <= ON_THE_FLY_SECONDS_PER_EPOCH
         why = (f"encoder {spec.name} at {size} px: {spec.gflops(size) * n_enc:.1f} GFLOP per sample, at "
                f"{ENCODER_EFFICIENCY:.0%} of {bf16_tflops:.0f} bf16 TFLOP/s about {epoch_s:.1f} s per epoch of "
-               f"{iterations} x {batch_guess}; {'within' if on_the_fly else 'over'} the {ON_THE_FLY_SECONDS_PER_EPOCH:.0f} s "
+               f"{iterations} x {batch_guess}; {'within' if on_the_fly else 'over'} the "
+               f"{ON_THE_FLY_SECONDS_PER_EPOCH:.0f} s "
                f"budget, so " + ("every augmented batch is encoded afresh (full augmentation: rotation, scaling, "
                                  "mirroring, intensity) instead of reading the cache" if on_the_fly else
                                  "the cached embeddings are used as the plans say"))

@@ -303,8 +303,9 @@ def _cpu_epochs(config: dict) -> tuple[dict, str]:
         side = config[head]["canvas_size"] if head in ("unet", "hybrid") else config["encoder_input_size"]
         epoch_s = config["iterations_per_epoch"] * config["batch_size"] * seconds * (side / size) ** 2
         out[head] = int(max(5, min(config["num_epochs"], CPU_HOURS_PER_FOLD * 3600 // max(epoch_s, 1e-6))))
+    caps = ", ".join(f"{h}: {e}" for h, e in out.items())
     return out, (f"on a CPU (2 cores measured) the epoch cap is lowered so that one fold trains in at most about "
-                 f"{CPU_HOURS_PER_FOLD:.0f} hours before early stopping ({', '.join(f'{h}: {e}' for h, e in out.items())} "
+                 f"{CPU_HOURS_PER_FOLD:.0f} hours before early stopping ({caps} "
                  f"epochs of {config['iterations_per_epoch']} x {config['batch_size']}); on a GPU the full "
                  f"{config['num_epochs']}; samunet_train --epochs overrides both")
 

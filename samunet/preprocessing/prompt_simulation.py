@@ -4,8 +4,8 @@ decoder trainer and the zero-shot suite alike).
 An object is one connected component (4-connectivity) of one class in one slice. All coordinates here are in the
 pixel grid of the slice, x before y (SAM's convention): a point is ``(x, y)`` at a pixel centre, a box is
 ``(x0, y0, x1, y1)`` with the first and last pixel the object covers (inclusive). Mapping to the encoder input is
-done elsewhere (`samunet.preprocessing.prompt_geometry.SliceGeometry`). Every random draw takes a ``numpy.random.Generator``,
-so a seed fixes all prompts.
+done elsewhere (`samunet.preprocessing.prompt_geometry.SliceGeometry`). Every random draw takes a
+``numpy.random.Generator``, so a seed fixes all prompts.
 """
 from __future__ import annotations
 

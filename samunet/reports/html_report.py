@@ -143,8 +143,9 @@ def write_report(folder, output_folder=None, images_folder=None, num_overlays: i
     if shown:
         legend = legend_html(plans["label_values"], plans["class_names"]) if plans else ""
         for title, group in (("Worst cases", rows[:num_overlays]), ("Best cases", rows[::-1][:num_overlays])):
-            figs = "".join(f'<figure><img src="report_files/{html.escape(shown[r["case"]])}" alt="{html.escape(r["case"])}">'
-                           f'<figcaption>{html.escape(r["case"])}: mean Dice {_fmt(r["mean_dice"])}</figcaption></figure>'
+            figs = "".join(f'<figure><img src="report_files/{html.escape(shown[r["case"]])}" '
+                           f'alt="{html.escape(r["case"])}"><figcaption>{html.escape(r["case"])}: mean Dice '
+                           f'{_fmt(r["mean_dice"])}</figcaption></figure>'
                            for r in group if r["case"] in shown)
             parts.append(f"<h2>{title}</h2><p>Reference (left) and prediction (right), slice of largest reference "
                          f"foreground. {legend}</p><div class=\"figs\">{figs}</div>")

@@ -33,9 +33,10 @@ def encoder_of(state: dict, plans: dict) -> dict | None:
     identity = state.get("encoder_identity")
     if identity is None:
         return None
+    checkpoint = plans["encoder"].get("checkpoint")
     return {"name": identity["encoder"], "input_size": identity["input_size"],
             "weights_sha256": identity["weights_sha256"],
-            "checkpoint_file": Path(plans["encoder"]["checkpoint"]).name if plans["encoder"].get("checkpoint") else None}
+            "checkpoint_file": Path(checkpoint).name if checkpoint else None}
 
 
 def select_model_folders(dataset_name: str, configurations=None, trainers=None, plans_name: str = "samunetPlans"):
@@ -75,7 +76,8 @@ def export_model_to_zip(dataset, output_file, configurations=None, trainers=None
         entries[f"{prefix}/plans.json"] = folder / "plans.json"
         entries[f"{prefix}/dataset.json"] = folder / "dataset.json"
         fingerprint = load_json(folder / "dataset_fingerprint.json")
-        entries[f"{prefix}/dataset_fingerprint.json"] = {k: fingerprint[k] for k in FINGERPRINT_KEYS if k in fingerprint}
+        entries[f"{prefix}/dataset_fingerprint.json"] = {k: fingerprint[k] for k in FINGERPRINT_KEYS
+                                                         if k in fingerprint}
         available = sorted(p.name[len("fold_"):] for p in folder.glob("fold_*") if p.is_dir())
         wanted = [str(f) for f in folds] if folds else available
         model = {"folder": prefix, "trainer": trainer, "configuration": config, "folds": [], "encoder": None}

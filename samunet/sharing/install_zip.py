@@ -85,7 +85,8 @@ def install_model_from_zip(zip_file, overwrite: bool = False, encoder_checkpoint
         dataset_id_from_name(dataset)
         bad = [f"{i.filename!r}: {p}" for i in z.infolist() if (p := entry_problem(i, dataset))]
         if bad:
-            raise SamunetError(f"{zip_file}: refused, nothing was installed; unsafe entries:\n  - " + "\n  - ".join(bad))
+            raise SamunetError(f"{zip_file}: refused, nothing was installed; unsafe entries:\n  - "
+                               + "\n  - ".join(bad))
         local_files = _check_encoders(zip_file, manifest, encoder_checkpoint)
         root = check_writable_folder(results_folder(), "samunet_results")
         root.mkdir(parents=True, exist_ok=True)

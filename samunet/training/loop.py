@@ -156,8 +156,8 @@ class EpochLoop:
                 self.save("checkpoint_best.pth")
             if self.dist.is_main:
                 plot_progress(self.log, self.output / "progress.png")
-            self.text(f"epoch {self.epoch - 1}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, {self.score_name} "
-                      f"{[round(d, 4) for d in dice]}, moving average {ema:.4f}"
+            self.text(f"epoch {self.epoch - 1}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
+                      f"{self.score_name} {[round(d, 4) for d in dice]}, moving average {ema:.4f}"
                       f"{' (new best)' if improved else ''}, {self.log['epoch_time'][-1]:.1f} s")
         if "cooldown" in self.log or self._plateaued():
             best = int(np.argmax(self.log["ema_dice"]))

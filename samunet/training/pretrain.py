@@ -12,11 +12,11 @@ Method: **masked image modelling** with the U-Net itself (the restoration family
 MICCAI 2019 / MedIA 2021, in the masked-patch form that Wald et al., "Revisiting MAE pre-training for 3D medical
 image segmentation", CVPR 2025, found the strongest self-supervised pre-training for CNN U-Nets on medical data).
 Square patches of each augmented U-Net input (the slice on its canvas; ``MASK_GRID`` x ``MASK_GRID`` patches,
-``MASK_RATIO`` of them) are set to zero, and the U-Net, with one output channel per input channel, reconstructs the image; the loss
-is the mean squared error on the masked pixels only. It was chosen over global + local contrastive learning
-(Chaitanya et al., NeurIPS 2020) because it pre-trains the encoder *and* the decoder that segmentation reuses, needs
-no negatives (contrastive learning wants large batches, which a CPU cannot afford), and no hand-made partition of
-the volumes into corresponding regions.
+``MASK_RATIO`` of them) are set to zero, and the U-Net, with one output channel per input channel, reconstructs the
+image; the loss is the mean squared error on the masked pixels only. It was chosen over global + local contrastive
+learning (Chaitanya et al., NeurIPS 2020) because it pre-trains the encoder *and* the decoder that segmentation
+reuses, needs no negatives (contrastive learning wants large batches, which a CPU cannot afford), and no hand-made
+partition of the volumes into corresponding regions.
 
 Every training slice of the fold is used, with the same spatial and intensity augmentation as the U-Net's own
 training; labels are not read by the loss nor by the sampler (uniform over slices). The fold's validation images

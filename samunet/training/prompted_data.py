@@ -124,7 +124,8 @@ def degrade_mask(mask: np.ndarray, valid: np.ndarray, rng: np.random.Generator) 
         return np.zeros_like(mask)
     out = mask.copy()
     k = int(rng.integers(1, 5))
-    out = ndimage.binary_dilation(out, iterations=k) if rng.random() < 0.5 else ndimage.binary_erosion(out, iterations=k)
+    morph = ndimage.binary_dilation if rng.random() < 0.5 else ndimage.binary_erosion
+    out = morph(out, iterations=k)
     if not out.any():
         out = mask.copy()
     dy, dx = rng.integers(-4, 5, 2)

@@ -2,8 +2,8 @@
 
 For each chosen slice the encoder runs once; its embedding serves every prompt mode, every simulated prompt,
 every corrective click and the 'everything' grid. Prompts are simulated per object (class x connected
-component) from the ground truth (`samunet.preprocessing.prompt_simulation`); masks are mapped back to the slice grid and
-scored there with Dice, so numbers do not depend on the encoder's input size.
+component) from the ground truth (`samunet.preprocessing.prompt_simulation`); masks are mapped back to the slice
+grid and scored there with Dice, so numbers do not depend on the encoder's input size.
 
 Prompt modes: ``everything`` (automatic masks, matched to each object by best Dice and by predicted IoU),
 ``point1`` (centre point), ``points5`` (5 random foreground points), ``points5_neg5`` (plus 5 negative points

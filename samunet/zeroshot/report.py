@@ -11,8 +11,9 @@ from samunet.utils import atomic_write_bytes, save_json
 from samunet.zeroshot.evaluate import CLICK_TARGETS
 
 FACTORS = ("area", "compactness", "contrast", "aspect_ratio")
-MODE_TITLES = {"everything_pred_iou": "everything (predicted-IoU match)", "everything_oracle": "everything (oracle match)",
-               "point1": "1 centre point", "points5": "5 points", "points5_neg5": "5 pos + 5 neg points",
+MODE_TITLES = {"everything_pred_iou": "everything (predicted-IoU match)",
+               "everything_oracle": "everything (oracle match)", "point1": "1 centre point", "points5": "5 points",
+               "points5_neg5": "5 pos + 5 neg points",
                "box": "box", "box_jitter": "jittered box", "box_point": "box + centre point"}
 
 
@@ -195,7 +196,8 @@ def markdown(summary: dict, files: list[str], command: str | None = None) -> str
         f"component); {summary['skipped_small_objects']} objects under {st['min_size']} pixels skipped.",
         f"- Encoder input {summary['encoder_input_size']} px ({size_note}; the plans use "
         f"{summary['plans_input_size']} px for the trained heads). Dice is measured on the preprocessed slice grid.",
-        f"- Point prompts use {'multimask output, best predicted IoU' if st['multimask'] else 'the single-mask output'}; "
+        "- Point prompts use " + ("multimask output, best predicted IoU" if st["multimask"] else
+                                  "the single-mask output") + "; "
         f"seed {st['seed']}; {summary['seconds']:.0f} s on {summary['device']}.", "",
         "## Dice per prompt mode (per object)", "",
         "| mode | mean | median | std | n |", "|---|---|---|---|---|"]
@@ -211,14 +213,17 @@ def markdown(summary: dict, files: list[str], command: str | None = None) -> str
         a = st["automatic"]
         fc = summary["everything_filter_counts"]
         lines += ["", "## Everything mode", "",
-                  f"{a['points_per_side']}x{a['points_per_side']} point grid, {'three masks' if a['multimask'] else 'one mask'} "
-                  f"per point; kept if predicted IoU >= {a['pred_iou_thresh']} and stability >= "
+                  f"{a['points_per_side']}x{a['points_per_side']} point grid, "
+                  f"{'three masks' if a['multimask'] else 'one mask'} per point; kept if predicted IoU >= "
+                  f"{a['pred_iou_thresh']} and stability >= "
                   f"{a['stability_score_thresh']} (offset {a['stability_score_offset']}), box NMS at "
                   f"{a['box_nms_thresh']}. Candidates over all slices: {fc['candidates']}; after the IoU filter "
-                  f"{fc['after_iou']}; after the stability filter {fc['after_stability']}; after NMS {fc['after_nms']}. "
+                  f"{fc['after_iou']}; after the stability filter {fc['after_stability']}; after NMS "
+                  f"{fc['after_nms']}. "
                   f"Highest predicted IoU of any candidate: {_f(summary['everything_max_pred_iou'])}.",
                   "", "| matching | mean Dice |", "|---|---|",
-                  f"| oracle (best Dice among kept masks) | {_f(summary['dice_per_mode']['everything_oracle']['mean'])} |",
+                  f"| oracle (best Dice among kept masks) | "
+                  f"{_f(summary['dice_per_mode']['everything_oracle']['mean'])} |",
                   f"| predicted IoU (best-rated kept mask overlapping the object) | "
                   f"{_f(summary['dice_per_mode']['everything_pred_iou']['mean'])} |",
                   f"| oracle over all candidates, before filtering | "
@@ -263,8 +268,8 @@ def markdown(summary: dict, files: list[str], command: str | None = None) -> str
                   "Dice per (slice, class) of the trained heads (prompt-free, plans' input size) beside the "
                   "zero-shot prompted masks (union of the class's objects), only on cases of each fold's validation "
                   "set, so never on a training case.", "",
-                  "| trained model | (slice, class) pairs | trained | " + " | ".join(MODE_TITLES.get(m, m) for m in modes)
-                  + " |", "|---|---|---|" + "---|" * len(modes)]
+                  "| trained model | (slice, class) pairs | trained | "
+                  + " | ".join(MODE_TITLES.get(m, m) for m in modes) + " |", "|---|---|---|" + "---|" * len(modes)]
         for name, v in comp.items():
             lines.append(f"| {name} | {v['slice_classes']} | {_f(v['trained'])} | "
                          + " | ".join(_f(v[m]) for m in modes) + " |")
