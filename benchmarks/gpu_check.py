@@ -134,7 +134,8 @@ def head_training(args, device, dist_wrap=None) -> dict:
             opt.step()
         try:
             rate, _ = _timed(step, args.seconds, DDP_ITERATIONS if dist_wrap else None)
-            results[head] = {"batch": batch, "iterations_per_s": round(rate, 2), "samples_per_s": round(rate * batch, 1)}
+            results[head] = {"batch": batch, "iterations_per_s": round(rate, 2),
+                             "samples_per_s": round(rate * batch, 1)}
         except Exception as exc:  # report the head that fails and go on with the others
             results[head] = {"batch": batch, "error": f"{type(exc).__name__}: {exc}"[:300]}
         model = train = opt = None  # frees the head's memory before the next one (step() sees these names)

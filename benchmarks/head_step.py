@@ -171,7 +171,8 @@ def main(argv=None) -> dict:
             rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
             print(rows[-1], flush=True)
         else:
-            nnunet_note = f"nnU-Net row failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}"
+            why = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode
+            nnunet_note = f"nnU-Net row failed: {why}"
     elif not a.no_nnunet:
         nnunet_note = "nnU-Net row left out: run benchmarks/setup_nnunet_env.sh and the label-efficiency study's " \
                       "nnU-Net preprocessing first"

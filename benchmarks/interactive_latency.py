@@ -95,7 +95,8 @@ def main(argv=None):
           f"{a.clicks} corrective clicks with the previous logits fed back); {a.threads} threads; load average "
           f"{load:.1f} on {res['cpus']} CPUs before the run; {res['date']}.", "",
           "| step | median | 90th percentile |", "|---|---|---|",
-          f"| set_image (encoder, once per image) | {res['set_image_ms_median']:.0f} ms | {res['set_image_ms_p90']:.0f} ms |",
+          f"| set_image (encoder, once per image) | {res['set_image_ms_median']:.0f} ms | "
+          f"{res['set_image_ms_p90']:.0f} ms |",
           f"| predict (one click) | {res['click_ms_median']:.1f} ms | {res['click_ms_p90']:.1f} ms |",
           f"| predict, thread CPU time | {res['click_thread_cpu_ms_median']:.1f} ms | |", ""]
     out.with_suffix(".md").write_text("\n".join(md))

@@ -224,7 +224,8 @@ def pretrain_cell(a, config: str, budget: dict, work: Path) -> dict:
                          f"{state['iterations_per_epoch']} x batch {state['batch_size']}); use another samunet_results")
     return {"checkpoint": final, "method": state["pretraining"], "epochs": int(state["epoch"]),
             "iterations_per_epoch": int(state["iterations_per_epoch"]), "batch_size": int(state["batch_size"]),
-            "training_time_s": round(float(sum(state["log"]["epoch_time"])), 1), "cell_wall_s": round(cell["wall_s"], 1),
+            "training_time_s": round(float(sum(state["log"]["epoch_time"])), 1),
+            "cell_wall_s": round(cell["wall_s"], 1),
             "final_masked_r2": round(float(state["log"]["pseudo_dice"][-1]), 4)}
 
 
@@ -272,7 +273,8 @@ def samunet_cell(a, method: str, n: str, expected_train: list[str], val: list[st
         raise SystemExit(f"{final}: trained with another budget ({state['epoch']} of {state['num_epochs']} epochs x "
                          f"{state['iterations_per_epoch']} x batch {state['batch_size']}); use another samunet_results")
     result = evaluate(raw, out / "validation", val, ending, work / "eval" / f"{method}_n{n}.json")
-    return {**result, "method": method, "head": head, "configuration": config, "labeled": n, "num_train_cases": len(expected_train),
+    return {**result, "method": method, "head": head, "configuration": config, "labeled": n,
+            "num_train_cases": len(expected_train),
             "train_cases": expected_train, "epochs": budget["epochs"], "iterations_per_epoch": budget["iterations"],
             "batch_size": budget["batch_size"], "epochs_done": int(state["epoch"]),
             "iterations_done": int(state["epoch"]) * budget["iterations"], "stopped_early": stopped is not None,
@@ -463,7 +465,8 @@ def markdown(report: dict) -> str:
             for r in c.get("shorter_runs", []):
                 rising += f" (shorter run, {r['iterations_done']} it: {r['mean_foreground_dice']:.3f}, still rising)"
             if c.get("fewer_iterations_than_longest_samunet_cell"):
-                rising += f" (fewer than the column's longest samunet cell, {c['fewer_iterations_than_longest_samunet_cell']} it)"
+                rising += (" (fewer than the column's longest samunet cell, "
+                           f"{c['fewer_iterations_than_longest_samunet_cell']} it)")
             pre = f" + {fmt_time(c['pretraining_time_s'])} pre-training" if "pretraining_time_s" in c else ""
             row.append(f"**{c['mean_foreground_dice']:.3f}** ({per}), {fmt_time(c['training_time_s'])}{pre}{its}"
                        f"{rising}")

@@ -513,7 +513,8 @@ def write_markdown(report: dict, rows: list[list[str]], path: Path, profile_file
                   f"Single-process run, {prof['profiled_s']:.1f} s profiled (imports excluded); full tables in "
                   f"`{_display_path(profile_file)}`.", "",
                   "| samunet function | cumulative s | calls |", "|---|---|---|"]
-        lines += [f"| `{e['function']}` | {e['cumtime_s']:.2f} | {e['ncalls']} |" for e in prof["samunet_by_cumtime"][:12]]
+        lines += [f"| `{e['function']}` | {e['cumtime_s']:.2f} | {e['ncalls']} |"
+                  for e in prof["samunet_by_cumtime"][:12]]
         lines += ["", "| function (own time) | own s | calls |", "|---|---|---|"]
         lines += [f"| `{e['function']}` | {e['tottime_s']:.2f} | {e['ncalls']} |" for e in prof["by_tottime"][:10]]
     path.write_text("\n".join(lines) + "\n")

@@ -62,7 +62,8 @@ def test_simulated_prompts_lie_on_their_objects(label_slices):
             neg = P.negative_points(m, 5, rng).astype(int)
             assert not m[neg[:, 1], neg[:, 0]].any(), "negative point on the object"
             w, h = x1 - x0 + 1, y1 - y0 + 1
-            assert (np.abs(neg[:, 0] - (x0 + x1) / 2) <= w + 1).all() and (np.abs(neg[:, 1] - (y0 + y1) / 2) <= h + 1).all()
+            assert (np.abs(neg[:, 0] - (x0 + x1) / 2) <= w + 1).all()
+            assert (np.abs(neg[:, 1] - (y0 + y1) / 2) <= h + 1).all()
     assert n_objects > 100
     assert fallback > 0, "no object exercised the deepest-point fallback"
 
@@ -107,7 +108,8 @@ def test_jitter_follows_its_distribution():
 
 def test_automatic_mask_helpers():
     g = point_grid(4, 200, 100)
-    assert g.shape == (16, 2) and np.allclose(g[:4, 0] + 0.5, [25, 75, 125, 175]) and np.allclose(g[::4, 1] + 0.5, [12.5, 37.5, 62.5, 87.5])
+    assert g.shape == (16, 2)
+    assert np.allclose(g[:4, 0] + 0.5, [25, 75, 125, 175]) and np.allclose(g[::4, 1] + 0.5, [12.5, 37.5, 62.5, 87.5])
     import torch
     logits = torch.tensor([[[3.0, 0.5], [-0.5, -3.0]]])
     assert float(stability_score(logits, 1.0)) == pytest.approx(1 / 3)
