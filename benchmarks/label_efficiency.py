@@ -464,6 +464,8 @@ def markdown(report: dict) -> str:
                 rising = " (at the epoch cap: no plateau within it)"
             for r in c.get("shorter_runs", []):
                 rising += f" (shorter run, {r['iterations_done']} it: {r['mean_foreground_dice']:.3f}, still rising)"
+            if c.get("longer_run_unfinished_iterations"):
+                rising += f" (its longer run, {c['longer_run_unfinished_iterations']} it, not yet trained)"
             if c.get("fewer_iterations_than_longest_samunet_cell"):
                 rising += (" (fewer than the column's longest samunet cell, "
                            f"{c['fewer_iterations_than_longest_samunet_cell']} it)")
@@ -750,6 +752,7 @@ def main(argv=None):
                     longer_nn = NnUNet(a, work, {**nn_b, "epochs": epochs})
                     longer = longer_nn.cell(s, idx, subsets[s], val, ending, a.raw, name=f"nnunet_n{s}_e{epochs}")
                     if longer is None:  # --report_only and the longer run has not finished: the shorter one
+                        shorter.pop()  # shown as the cell itself, not also as its own shorter run
                         cell["longer_run_unfinished_iterations"] = epochs * nn_b["iterations"]
                         break
                     cell, column_nn = longer, longer_nn
