@@ -79,14 +79,21 @@ def run_entry(entry, *args, env: dict | None = None, module: str = "samunet.cli"
     return subprocess.CompletedProcess([entry, *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
-def refused(entry, *args, expect: str) -> str:
-    """Run a command (as ``run_entry``) that must refuse: exit code 1, an ``error: `` line naming ``expect``, no
-    traceback. Returns its stderr."""
-    r = run_entry(entry, *args)
+def assert_refused(r, *patterns) -> str:
+    """A finished command (``subprocess.CompletedProcess``) must have refused: exit code 1, an ``error: `` line, no
+    traceback, no numpy repr leaking into the message, and every one of ``patterns`` in its stderr. Returns stderr."""
     err = r.stderr
-    assert r.returncode == 1 and "\nerror: " in "\n" + err and "Traceback" not in err, err
-    assert expect in err, err
+    assert r.returncode == 1, (r.returncode, err[-3000:])
+    assert "\nerror: " in "\n" + err and "Traceback" not in err, err[-3000:]
+    for p in patterns:
+        assert p in err, (p, err[-3000:])
+    assert "np.float64" not in err and "np.int" not in err, err[-3000:]
     return err
+
+
+def refused(entry, *args, expect: str) -> str:
+    """Run a command (as ``run_entry``) that must refuse with ``expect`` in its error (see ``assert_refused``)."""
+    return assert_refused(run_entry(entry, *args), expect)
 
 
 def hippo_cases(n: int) -> list[str]:

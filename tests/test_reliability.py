@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import HIPPO, copy_dataset, hippo_cases, hippo_slab, run_entry, use_folders
+from conftest import HIPPO, assert_refused, copy_dataset, hippo_cases, hippo_slab, run_entry, use_folders
 from samunet.utils import SamunetError
 
 NAME = "Dataset004_Hippocampus"
@@ -21,15 +21,6 @@ NAME = "Dataset004_Hippocampus"
 def _cli(entry: str, *args, env=None):
     module = "samunet.evaluation.cli" if entry.startswith("evaluate") else "samunet.cli"
     return run_entry(entry, *args, env=env, module=module)
-
-
-def _refused(r, *patterns) -> str:
-    assert r.returncode == 1, (r.returncode, r.stderr[-3000:])
-    assert "error: " in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
-    for p in patterns:
-        assert p in r.stderr, (p, r.stderr[-3000:])
-    assert "np.float64" not in r.stderr and "np.int" not in r.stderr
-    return r.stderr
 
 
 def _nothing_in(folder: Path):
@@ -61,7 +52,8 @@ def test_1_truncated_image_or_label_is_refused(hippo3, samunet_dirs, verify):
         data = f.read_bytes()
         f.write_bytes(data[: len(data) // 2])
     r = _plan(*(["--verify_dataset_integrity"] if verify else []))
-    _refused(r, f"{a}_0000.nii.gz: cannot be read: truncated file", f"labelsTr/{b}.nii.gz: cannot be read: truncated")
+    assert_refused(r, f"{a}_0000.nii.gz: cannot be read: truncated file",
+                   f"labelsTr/{b}.nii.gz: cannot be read: truncated")
     _nothing_in(samunet_dirs["samunet_preprocessed"])
 
 
@@ -71,7 +63,7 @@ def test_2_all_zero_image_with_a_label_is_refused(hippo3, samunet_dirs):
     f = hippo3 / "imagesTr" / f"{case}_0000.nii.gz"
     ref = sitk.ReadImage(str(f))
     _write_like(np.zeros_like(sitk.GetArrayFromImage(ref)), ref, f)
-    _refused(_plan(), f"{case}_0000.nii.gz: image is constant (every voxel 0) but its label {case}.nii.gz has")
+    assert_refused(_plan(), f"{case}_0000.nii.gz: image is constant (every voxel 0) but its label {case}.nii.gz has")
     _nothing_in(samunet_dirs["samunet_preprocessed"])
 
 
@@ -83,7 +75,7 @@ def test_3_two_d_case_in_a_three_d_data_set_is_refused(hippo3, samunet_dirs, ver
         img = sitk.ReadImage(str(f))
         sitk.WriteImage(img[:, :, img.GetSize()[2] // 2], str(f), True)
     r = _plan(*(["--verify_dataset_integrity"] if verify else []))
-    _refused(r, f"{case}_0000.nii.gz: 2D image, but 2 of the data set's 3 cases are 3D")
+    assert_refused(r, f"{case}_0000.nii.gz: 2D image, but 2 of the data set's 3 cases are 3D")
     _nothing_in(samunet_dirs["samunet_preprocessed"])
 
 
@@ -94,13 +86,14 @@ def test_4_absurd_spacing_is_refused_before_any_work(hippo3, samunet_dirs):
         img = sitk.ReadImage(str(f))
         img.SetSpacing((1.0, 1.0, 1000.0))
         sitk.WriteImage(img, str(f), True)
-    _refused(_plan(), f"{case}_0000.nii.gz: spacing (1000.0, 1.0, 1.0) mm is 1000 times the data set's median 1 mm")
+    assert_refused(_plan(),
+                   f"{case}_0000.nii.gz: spacing (1000.0, 1.0, 1.0) mm is 1000 times the data set's median 1 mm")
     _nothing_in(samunet_dirs["samunet_preprocessed"])
 
 
 def test_4_resampled_size_beyond_the_memory_budget_is_refused_before_preprocessing(hippo3, samunet_dirs):
     r = _plan("--memory_gb", "0.0001")
-    _refused(r, "_0000.nii.gz: resampled to", "more than the memory budget of 0.0001 GB")
+    assert_refused(r, "_0000.nii.gz: resampled to", "more than the memory budget of 0.0001 GB")
     pp = samunet_dirs["samunet_preprocessed"] / NAME
     assert not (pp / "samunetPlans_2d").exists() and not (pp / "gt_segmentations").exists()
 
@@ -111,12 +104,12 @@ def test_6_data_set_names_cannot_leave_the_samunet_folders(samunet_dirs, tmp_pat
     copy_dataset(HIPPO, outside, hippo_cases(3))
     bad = f"{NAME}/../../outside/{NAME}"
     r = _cli("plan_and_preprocess_entry", "-d", bad, "-np", "1")
-    _refused(r, f"'{bad}': not a plain data set name DatasetXXX_Name")
+    assert_refused(r, f"'{bad}': not a plain data set name DatasetXXX_Name")
     assert sorted(p.name for p in outside.iterdir()) == [NAME]
     assert sorted(p.name for p in (outside / NAME).iterdir()) == ["dataset.json", "imagesTr", "labelsTr"]
     _nothing_in(samunet_dirs["samunet_preprocessed"])
     r = _cli("train_entry", "Dataset004_../x", "2d", "0")
-    _refused(r, "'Dataset004_../x': not a plain data set name")
+    assert_refused(r, "'Dataset004_../x': not a plain data set name")
     _nothing_in(samunet_dirs["samunet_results"])
 
 
@@ -135,10 +128,10 @@ def test_7_undeclared_label_and_shape_mismatch_are_named_without_verify(hippo3, 
     img = sitk.ReadImage(str(f))
     img.SetSpacing((1.0, 1.5, 1.0))
     sitk.WriteImage(img, str(f), True)
-    err = _refused(_plan(), f"{a}.nii.gz: label value(s) [3] not declared in dataset.json (declared: [0, 1, 2])",
-                   f"{b}.nii.gz: geometry differs from image {b}_0000.nii.gz (shape",
-                   f"{c}.nii.gz: geometry differs from image {c}_0000.nii.gz "
-                   "(spacing (1.0, 1.0, 1.0) vs (1.0, 1.5, 1.0))")
+    err = assert_refused(_plan(), f"{a}.nii.gz: label value(s) [3] not declared in dataset.json (declared: [0, 1, 2])",
+                         f"{b}.nii.gz: geometry differs from image {b}_0000.nii.gz (shape",
+                         f"{c}.nii.gz: geometry differs from image {c}_0000.nii.gz "
+                         "(spacing (1.0, 1.0, 1.0) vs (1.0, 1.5, 1.0))")
     assert "3 problem(s)" in err
     _nothing_in(samunet_dirs["samunet_preprocessed"])
 
@@ -148,7 +141,7 @@ def test_also_a_folder_named_like_a_case_file_is_called_a_folder(hippo3, samunet
     f = hippo3 / "imagesTr" / f"{case}_0000.nii.gz"
     f.unlink()
     f.mkdir()
-    _refused(_plan("--verify_dataset_integrity"), f"{case}_0000.nii.gz: is a folder, not an image file")
+    assert_refused(_plan("--verify_dataset_integrity"), f"{case}_0000.nii.gz: is a folder, not an image file")
     _nothing_in(samunet_dirs["samunet_preprocessed"])
 
 
@@ -166,13 +159,13 @@ def test_9_ensemble_names_an_object_array_or_truncated_npz(tmp_path):
     good = (folders[1] / f"{case}.npz").read_bytes()
     np.savez(folders[0] / f"{case}.npz", probabilities=np.array([{"x": 1}, None], dtype=object))
     out = tmp_path / "out"
-    _refused(_cli("ensemble_entry", "-i", *folders, "-o", out),
-             f"a/{case}.npz: 'probabilities' must be a float array", "never loads object arrays")
+    assert_refused(_cli("ensemble_entry", "-i", *folders, "-o", out),
+                   f"a/{case}.npz: 'probabilities' must be a float array", "never loads object arrays")
     assert not out.exists()
     np.savez_compressed(folders[0] / f"{case}.npz", probabilities=np.full((3, 4, 4, 4), 1 / 3, np.float16))
     (folders[1] / f"{case}.npz").write_bytes(good[: len(good) // 2])
-    _refused(_cli("ensemble_entry", "-i", *folders, "-o", out),
-             f"b/{case}.npz: not a readable probabilities file (truncated or corrupt .npz")
+    assert_refused(_cli("ensemble_entry", "-i", *folders, "-o", out),
+                   f"b/{case}.npz: not a readable probabilities file (truncated or corrupt .npz")
     assert not out.exists()
 
 
@@ -181,15 +174,15 @@ def test_10_samunet_preprocessed_or_output_that_is_a_file(hippo3, samunet_dirs, 
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     monkeypatch.setenv("samunet_preprocessed", str(blocker))
-    _refused(_plan(), f"{blocker}/{NAME}: samunet_preprocessed must be a folder, but it is or lies under a regular "
-                      f"file ({blocker} is a file)")
+    assert_refused(_plan(), f"{blocker}/{NAME}: samunet_preprocessed must be a folder, but it is or lies under "
+                   f"a regular file ({blocker} is a file)")
     assert blocker.read_text() == "not a folder"
     monkeypatch.setenv("samunet_preprocessed", str(blocker / "sub"))
-    _refused(_plan(), "samunet_preprocessed must be a folder")
+    assert_refused(_plan(), "samunet_preprocessed must be a folder")
     inp = tmp_path / "in"
     inp.mkdir()
-    _refused(_cli("predict_from_modelfolder_entry", "-i", inp, "-o", blocker, "-m", tmp_path / "no_model"),
-             f"{blocker}: the output folder (-o) must be a folder")
+    assert_refused(_cli("predict_from_modelfolder_entry", "-i", inp, "-o", blocker, "-m", tmp_path / "no_model"),
+                   f"{blocker}: the output folder (-o) must be a folder")
     assert blocker.read_text() == "not a folder"
 
 
@@ -246,10 +239,10 @@ def test_1_3_4_prediction_refuses_truncated_2d_and_absurd_spacing_files(model, t
     img.SetSpacing((1000.0, 1000.0, 1000.0))
     sitk.WriteImage(img, str(inp / "huge_0000.nii.gz"), True)
     out = tmp_path / "out"
-    _refused(_predict(inp, out), "3 case(s) could not be predicted (the other 1 were written",
-             "truncated_0000.nii.gz: cannot be read: truncated file",
-             "flat_0000.nii.gz: 2D image, but the data set is 3D",
-             "huge_0000.nii.gz: in-plane spacing (1000.0, 1000.0) mm is 1000 times the plans' target spacing")
+    assert_refused(_predict(inp, out), "3 case(s) could not be predicted (the other 1 were written",
+                   "truncated_0000.nii.gz: cannot be read: truncated file",
+                   "flat_0000.nii.gz: 2D image, but the data set is 3D",
+                   "huge_0000.nii.gz: in-plane spacing (1000.0, 1000.0) mm is 1000 times the plans' target spacing")
     assert sorted(p.name for p in out.glob("*.nii.gz")) == [f"{good}.nii.gz"]
     assert not list(out.glob(".*"))
 
@@ -264,16 +257,16 @@ def test_5_and_8_prediction_checks_each_checkpoint_like_training_does(model, tmp
     shutil.copyfile(cnn, backup)
     try:
         shutil.copyfile(linear, cnn)
-        _refused(_predict(inp, tmp_path / "o1", "--head", "cnn"),
-                 f"{cnn}: checkpoint does not belong to this run", "head is 'linear', expected 'cnn'",
-                 "trainer is 'samunetTrainer_linear_n3', expected 'samunetTrainer_cnn_n3'")
+        assert_refused(_predict(inp, tmp_path / "o1", "--head", "cnn"),
+                       f"{cnn}: checkpoint does not belong to this run", "head is 'linear', expected 'cnn'",
+                       "trainer is 'samunetTrainer_linear_n3', expected 'samunetTrainer_cnn_n3'")
         assert not (tmp_path / "o1").exists()
         cnn.write_bytes(b"")
-        _refused(_predict(inp, tmp_path / "o2", "--head", "cnn"),
-                 f"{cnn}: not a readable samunet checkpoint (empty file, 0 bytes")
+        assert_refused(_predict(inp, tmp_path / "o2", "--head", "cnn"),
+                       f"{cnn}: not a readable samunet checkpoint (empty file, 0 bytes")
         assert not (tmp_path / "o2").exists()
         r = _train("--head", "cnn", "--c")
-        _refused(r, f"{cnn}: not a readable samunet checkpoint (empty file, 0 bytes")
+        assert_refused(r, f"{cnn}: not a readable samunet checkpoint (empty file, 0 bytes")
     finally:
         shutil.copyfile(backup, cnn)
 
@@ -295,7 +288,8 @@ def test_10_samunet_results_that_is_a_file_stops_training_with_a_named_error(mod
     blocker.write_text("x")
     env = dict(os.environ, samunet_results=str(blocker))
     r = _train("--head", "autosam", env=env)
-    _refused(r, f"{blocker}/{NAME}/samunetTrainer_autosam_n3__samunetPlans__2d/fold_0: cannot create the run folder")
+    assert_refused(r,
+                   f"{blocker}/{NAME}/samunetTrainer_autosam_n3__samunetPlans__2d/fold_0: cannot create the run folder")
     assert blocker.read_text() == "x"
 
 
@@ -309,8 +303,8 @@ def test_11_a_second_run_of_the_same_fold_is_refused_and_a_dead_run_does_not_blo
         assert holder.stdout.readline().strip() == "locked"
         before = sorted(p.name for p in fold.rglob("*"))
         r = _train("--head", "linear", "--c")
-        _refused(r, f"{fold}: another training run of this fold is running: pid {holder.pid} on host "
-                    f"{socket.gethostname()}, started {time.strftime('%Y-%m-%d')}")
+        assert_refused(r, f"{fold}: another training run of this fold is running: pid {holder.pid} on host "
+                          f"{socket.gethostname()}, started {time.strftime('%Y-%m-%d')}")
         assert sorted(p.name for p in fold.rglob("*")) == before
     finally:
         holder.kill()
