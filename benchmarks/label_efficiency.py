@@ -250,6 +250,8 @@ def samunet_cell(a, method: str, n: str, expected_train: list[str], val: list[st
         cmd += ["--num_labeled_cases", str(num)]
     if pretrained is not None:
         cmd += ["--pretrained_weights", str(pretrained["checkpoint"])]
+    if a.augmented_views is not None and head == "hybrid":
+        cmd += ["--augmented_views", str(a.augmented_views)]
     logf = work / "logs" / f"{method}_n{n}.log"
     if a.report_only and not (final.is_file() and predictions_complete(out / "validation", val, ending)):
         log(f"{head} n={n}: not finished; left out of the report (--report_only)")
@@ -279,6 +281,7 @@ def samunet_cell(a, method: str, n: str, expected_train: list[str], val: list[st
             "batch_size": budget["batch_size"], "epochs_done": int(state["epoch"]),
             "iterations_done": int(state["epoch"]) * budget["iterations"], "stopped_early": stopped is not None,
             "early_stopping_patience": budget.get("patience", 0),
+            **({"augmented_views": debug["augmented_views"]} if "augmented_views" in debug else {}),
             "training_time_s": round(float(sum(state["log"]["epoch_time"])), 1),
             "training_time_note": "sum of samunet's epoch times (training iterations plus the per-epoch pseudo-Dice "
                                   "check), from the checkpoint",
@@ -592,6 +595,9 @@ def main(argv=None):
     p.add_argument("--iterations", type=int, default=None,
                    help="heads and U-Net: iterations per epoch (default: plans; quick 10)")
     p.add_argument("--batch_size", type=int, default=None, help="heads and U-Net: batch size (default: plans)")
+    p.add_argument("--augmented_views", type=int, default=None,
+                   help="hybrid heads: augmented views per labelled slice (samunet_train --augmented_views; default: "
+                        "the plans' rule); a study of another number of views needs its own --suffix")
     p.add_argument("--unet_epochs", type=int, default=None, help="U-Net: epochs (default: as the heads)")
     p.add_argument("--unet_iterations", type=int, default=None, help="U-Net: iterations (default: as the heads)")
     p.add_argument("--pretrain_epochs", type=int, default=None,
@@ -834,7 +840,9 @@ def main(argv=None):
         "settings": {"labeled": labeled, "methods": methods,
                      "num_train_cases_by_setting": {s: len(subsets[s]) for s in labeled},
                      "subsets": subsets, "split_seed": SPLIT_SEED},
-        "budgets": {"heads": heads_b, "unet": unet_b, "pretrain": pre_b, **({"nnunet": nn_b} if nn else {})},
+        "budgets": {"heads": {**heads_b,
+                              **({} if a.augmented_views is None else {"augmented_views": a.augmented_views})},
+                    "unet": unet_b, "pretrain": pre_b, **({"nnunet": nn_b} if nn else {})},
         "samunet_plans": {"encoder": plans["encoder"]["name"], "encoder_input_size": cfg["encoder_input_size"],
                           "inplane_mode": cfg["inplane_mode"], "slice_axis": cfg["slice_axis"],
                           "unet": cfg.get("unet") or __import__("samunet.models.unet", fromlist=["x"]).canvas_block(
