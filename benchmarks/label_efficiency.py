@@ -252,6 +252,8 @@ def samunet_cell(a, method: str, n: str, expected_train: list[str], val: list[st
         cmd += ["--pretrained_weights", str(pretrained["checkpoint"])]
     if a.augmented_views is not None and head == "hybrid":
         cmd += ["--augmented_views", str(a.augmented_views)]
+    if head == "hybrid":  # every hybrid cell validates with mirroring on the same cases: their mirrored views once
+        cmd += ["--cache_tta_views"]
     logf = work / "logs" / f"{method}_n{n}.log"
     if a.report_only and not (final.is_file() and predictions_complete(out / "validation", val, ending)):
         log(f"{head} n={n}: not finished; left out of the report (--report_only)")

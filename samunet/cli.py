@@ -200,6 +200,10 @@ def train_entry(argv=None):
                    help="with --head unet: start from a samunet_pretrain checkpoint (self-supervised, same data set, "
                         "configuration and topology) instead of random weights, as nnUNetv2_train's flag does; the "
                         "run goes to samunetTrainer_unet_ssl[_nN] so it never overwrites the model from scratch")
+    p.add_argument("--cache_tta_views", action="store_true",
+                   help="keep the embeddings of the mirrored views that the final validation's test-time "
+                        "augmentation encodes in the embedding cache (3x its size for the validation cases), so "
+                        "the validation of another head on the same cases reads them instead of encoding again")
     p.add_argument("--device", "-device", dest="device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("-num_gpus", type=int, default=None,
                    help="train with N processes on this machine, one per GPU, with DistributedDataParallel (with "
@@ -223,7 +227,7 @@ def train_entry(argv=None):
                  use_cache=False if a.no_cache else None, compile_model=a.compile,
                  checkpoint="checkpoint_best.pth" if a.val_best else "checkpoint_final.pth", batch_size=a.batch_size,
                  patience=a.patience, augmented_views=a.augmented_views, pretrained_weights=a.pretrained_weights,
-                 plans_name=a.p, cooldown=a.cooldown)
+                 plans_name=a.p, cooldown=a.cooldown, cache_tta_views=a.cache_tta_views)
 
 
 @_entry

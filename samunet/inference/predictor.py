@@ -33,8 +33,11 @@ def predict_preprocessed(data: np.ndarray, config: dict, encoder, heads: list, n
     """Class probabilities ``(K, S, Y, X)`` for a preprocessed case ``(C, S, Y, X)``.
 
     ``cached_embeddings`` (rows in slice-major, tile-minor order, as the embedding cache stores them) replace the
-    encoder for the un-flipped view.
+    encoder for the un-flipped view; a dict ``{view: embeddings}`` (``TTA_VIEWS`` keys, as ``MirroredViews``
+    gives) for every view it holds.
     """
+    if not isinstance(cached_embeddings, dict):
+        cached_embeddings = {} if cached_embeddings is None else {(): cached_embeddings}
     image_models = [getattr(h, "takes_images", False) for h in heads]
     hybrids = [getattr(h, "takes_images_and_embeddings", False) for h in heads]
     if encoder is None and not all(image_models):
@@ -62,12 +65,12 @@ def predict_preprocessed(data: np.ndarray, config: dict, encoder, heads: list, n
             x = emb = None
             images = {s: np.ascontiguousarray(_flip(slice_images(data, s, config), view)) for s in ext}
             if any(im and not c for im, c in zip(image_models, on_own_canvas)) or \
-                    (not all(image_models) and (view or cached_embeddings is None)):
+                    (not all(image_models) and view not in cached_embeddings):
                 x = torch.cat([encoder_inputs(images[s], layout) for s in ext]).to(device)  # (n*T, n_enc, 3, P, P)
             if not all(image_models):
-                if not view and cached_embeddings is not None:
+                if view in cached_embeddings:
                     emb = torch.from_numpy(np.asarray(
-                        cached_embeddings[ext.start * n_tiles:ext.stop * n_tiles], dtype=np.float32)).to(device)
+                        cached_embeddings[view][ext.start * n_tiles:ext.stop * n_tiles], dtype=np.float32)).to(device)
                 else:
                     e = encoder(x.reshape(-1, *x.shape[2:])).float()
                     emb = e.reshape(x.shape[0], x.shape[1] * e.shape[1], *e.shape[2:])

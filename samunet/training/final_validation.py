@@ -3,7 +3,8 @@
     summary = final_validation(trainer, "checkpoint_final.pth", save_probabilities=False)
 
 It runs the same ``predict_preprocessed`` as ``samunet_predict`` (mirroring test-time augmentation only for models
-trained with mirroring; heads read the cached embeddings of the un-flipped view instead of re-encoding them) and
+trained with mirroring; heads read the cached embeddings of the un-flipped view instead of re-encoding them, and those of the mirrored
+views too with ``cache_tta_views``, ``samunet.preprocessing.mirrored_views``) and
 writes ``fold_K/validation/CASE<ending>`` and ``summary.json``.
 
 Resumable per case: after a case's files are written, ``validation/.done/CASE.json`` records what produced them (the
@@ -29,11 +30,14 @@ def _record(path, key: dict) -> bool:
         return False
 
 
-def final_validation(t, checkpoint: str = "checkpoint_final.pth", save_probabilities: bool = False) -> dict:
-    """Predict and evaluate the validation cases of trainer ``t``'s fold with ``checkpoint``."""
+def final_validation(t, checkpoint: str = "checkpoint_final.pth", save_probabilities: bool = False,
+                     cache_tta_views: bool = False) -> dict:
+    """Predict and evaluate the validation cases of trainer ``t``'s fold with ``checkpoint``; with
+    ``cache_tta_views``, the mirrored views' embeddings are read from (or encoded into) ``MirroredViews``."""
     from samunet.dataset.io import write_seg
     from samunet.evaluation.evaluate import evaluate_folder
     from samunet.inference.predictor import predict_preprocessed, probabilities_to_segmentation
+    from samunet.preprocessing.mirrored_views import MirroredViews
     if t.head is None:
         t.initialize(training=False)
     path = t.output / checkpoint
@@ -62,6 +66,8 @@ def final_validation(t, checkpoint: str = "checkpoint_final.pth", save_probabili
         data = np.load(data_dir / f"{ident}.npy", mmap_mode="r")
         props = load_json(data_dir / f"{ident}.json")
         emb = t.cache.load(ident)[0] if t.cache is not None and t.use_cache and t.cache.is_done(ident) else None
+        if emb is not None and tta and cache_tta_views:
+            emb = MirroredViews(t.cache).embeddings(ident, data, t.encoder)  # {view: embeddings}, stored for reuse
         probs_pp = predict_preprocessed(data, t.config, t.encoder, [t.head], t.num_classes, tta=tta,
                                         cached_embeddings=emb, batch_size=t.batch_size, device=t.device)
         seg, probs = probabilities_to_segmentation(probs_pp, props, t.label_values)

@@ -349,18 +349,19 @@ class Trainer(EpochLoop, ScaleOut):
                   self.output / "debug.json")
 
     # ----------------------------------------------------------------- final validation
-    def final_validation(self, checkpoint: str = "checkpoint_final.pth", save_probabilities: bool = False) -> dict:
+    def final_validation(self, checkpoint: str = "checkpoint_final.pth", save_probabilities: bool = False,
+                         cache_tta_views: bool = False) -> dict:
         """Predict the fold's validation cases in their original geometry and evaluate them (``summary.json``);
         resumable per case (``samunet.training.final_validation``)."""
         from samunet.training.final_validation import final_validation
-        return final_validation(self, checkpoint, save_probabilities)
+        return final_validation(self, checkpoint, save_probabilities, cache_tta_views)
 
 
 def run_training(dataset, configuration: str, fold, head=None, epochs=None, iterations_per_epoch=None,
                  num_labeled_cases=None, continue_training=False, validation_only=False, device="auto",
                  save_probabilities=False, use_cache=None, checkpoint="checkpoint_final.pth",
                  batch_size=None, patience=None, augmented_views=None, pretrained_weights=None,
-                 plans_name="samunetPlans", compile_model=False, cooldown=None) -> Trainer:
+                 plans_name="samunetPlans", compile_model=False, cooldown=None, cache_tta_views=False) -> Trainer:
     """Train one fold (or, with ``validation_only``, only rerun its final validation)."""
     t = Trainer(dataset, configuration, fold, head=head, epochs=epochs, iterations_per_epoch=iterations_per_epoch,
                 num_labeled_cases=num_labeled_cases, device=device, use_cache=use_cache, batch_size=batch_size,
@@ -368,5 +369,5 @@ def run_training(dataset, configuration: str, fold, head=None, epochs=None, iter
                 plans_name=plans_name, compile_model=compile_model, cooldown=cooldown)
     if not validation_only:
         t.run(continue_training)
-    t.final_validation(checkpoint, save_probabilities)
+    t.final_validation(checkpoint, save_probabilities, cache_tta_views)
     return t
