@@ -189,13 +189,14 @@ def run_logs(folder: Path) -> list[Path]:
 
 # ----------------------------------------------------------------------------------------------- samunet cells
 SSL = "unet_ssl"  # the U-Net pre-trained by samunet_pretrain, then fine-tuned
+ST = "hybrid_st"  # the hybrid head's self-training student (samunet_train --self_training), after its teacher
 
 
 def split_method(method: str) -> tuple[str, str]:
     """'hybrid:2.5d_emb' -> ('hybrid', '2.5d_emb'); 'autosam' -> ('autosam', '2d')."""
     head, _, config = method.partition(":")
-    if head not in HEADS and head != SSL:
-        raise SystemExit(f"unknown samunet model '{head}' in '{method}' (choose {', '.join(HEADS + (SSL,))})")
+    if head not in HEADS and head not in (SSL, ST):
+        raise SystemExit(f"unknown samunet model '{head}' in '{method}' (choose {', '.join(HEADS + (SSL, ST))})")
     return head, config or "2d"
 
 
@@ -234,10 +235,11 @@ def samunet_cell(a, method: str, n: str, expected_train: list[str], val: list[st
     from samunet.models.run_checkpoint import load_checkpoint
     from samunet.paths import model_folder, trainer_name
     head, config = split_method(method)
-    if head == SSL:
-        head = "unet"
+    student = head == ST
+    if head in (SSL, ST):
+        head = "unet" if head == SSL else "hybrid"
     num = None if n == "all" else int(n)
-    out = model_folder(a.dataset_name, trainer_name(head, num, pretrained is not None), "samunetPlans",
+    out = model_folder(a.dataset_name, trainer_name(head, num, pretrained is not None, student), "samunetPlans",
                        config) / f"fold_{a.fold}"
     final = out / "checkpoint_final.pth"
     cell_file = work / "cells" / f"{method}_n{n}.json"
@@ -248,6 +250,8 @@ def samunet_cell(a, method: str, n: str, expected_train: list[str], val: list[st
                                       "--patience", str(budget.get("patience", 0))]
     if num is not None:
         cmd += ["--num_labeled_cases", str(num)]
+    if student:
+        cmd += ["--self_training"]
     if pretrained is not None:
         cmd += ["--pretrained_weights", str(pretrained["checkpoint"])]
     if a.augmented_views is not None and head == "hybrid":
@@ -436,6 +440,7 @@ LABELS = {"autosam": "samunet autosam (frozen encoder)", "cnn": "samunet cnn (fr
           "hybrid:2.5d_emb": "samunet hybrid, embeddings of slices s-1, s, s+1 (2.5d_emb)",
           "autosam:2.5d": "samunet autosam, slices s-1, s, s+1 as the encoder's RGB (2.5d)",
           "hybrid": "samunet hybrid (frozen encoder + image U-Net)",
+          ST: "samunet hybrid, self-trained on the teacher's labels of the unlabelled training cases",
           "linear": "samunet linear (frozen encoder)", "unet": "2D U-Net from scratch (in samunet)",
           SSL: "2D U-Net, self-supervised pre-training then fine-tuning (in samunet)",
           "nnunet": "nnU-Net v2 2d"}
@@ -535,7 +540,7 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.ticker
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     n_train = report["settings"]["num_train_cases_by_setting"]
-    styles = {"autosam": "o-", "cnn": "s-", "linear": "^-", "hybrid": "*-", "unet": "x--", SSL: "+--",
+    styles = {"autosam": "o-", "cnn": "s-", "linear": "^-", "hybrid": "*-", ST: "*:", "unet": "x--", SSL: "+--",
               "nnunet": "d--"}
     labels = {}  # x -> [(Dice, text, colour)]: the training time of each cell, placed after all lines are drawn
     for m in report["settings"]["methods"]:
@@ -583,7 +588,8 @@ def main(argv=None):
                         "--quick: 1 5 all)")
     p.add_argument("--heads", nargs="*", default=None,
                    help="samunet models, HEAD or HEAD:CONFIGURATION (e.g. hybrid:2.5d_emb; default configuration "
-                        "2d), HEAD one of " + ", ".join(HEADS) + " (default: autosam cnn linear unet; --quick: autosam "
+                        "2d), HEAD one of " + ", ".join(HEADS) + f", {SSL} (the U-Net after samunet_pretrain) or "
+                        f"{ST} (self-training, after hybrid in the same column: its teacher) (default: autosam cnn linear unet; --quick: autosam "
                         "cnn unet)")
     p.add_argument("--no_nnunet", action="store_true", help="leave nnU-Net out")
     p.add_argument("--quick", action="store_true", help="small CPU budget (see QUICK); results get a _quick suffix")
@@ -775,6 +781,9 @@ def main(argv=None):
                             cell["fewer_iterations_than_longest_samunet_cell"] = longest
             else:
                 pretrained = None
+                if split_method(m)[0] == ST and s == "all":
+                    log(f"{m} n=all: no unlabelled training case to self-train on; left out")
+                    continue
                 if split_method(m)[0] == SSL:
                     pretrained = pretrain_cell(a, split_method(m)[1], pre_b, work)
                     if pretrained is None:

@@ -200,6 +200,10 @@ def train_entry(argv=None):
                    help="with --head unet: start from a samunet_pretrain checkpoint (self-supervised, same data set, "
                         "configuration and topology) instead of random weights, as nnUNetv2_train's flag does; the "
                         "run goes to samunetTrainer_unet_ssl[_nN] so it never overwrites the model from scratch")
+    p.add_argument("--self_training", action="store_true",
+                   help="with --head hybrid and --num_labeled_cases N: train a student on the N cases and on the "
+                        "fold's other training cases labelled by the teacher (the same run without this flag, "
+                        "trained first); the run goes to samunetTrainer_hybrid_st_nN")
     p.add_argument("--cache_tta_views", action="store_true",
                    help="keep the embeddings of the mirrored views that the final validation's test-time "
                         "augmentation encodes in the embedding cache (3x its size for the validation cases), so "
@@ -214,6 +218,7 @@ def train_entry(argv=None):
     if a.tr is not None:
         from samunet.inference.predict import check_trainer_name
         a.head = check_trainer_name(a.tr, a.head, a.num_labeled_cases)
+        a.self_training = a.self_training or "_st_n" in a.tr
         if ("_ssl" in a.tr) != (a.pretrained_weights is not None):
             raise SamunetError(f"-tr {a.tr}: samunetTrainer_unet_ssl[_nN] is the U-Net fine-tuned from "
                                "samunet_pretrain weights; give --pretrained_weights exactly with it")
@@ -227,7 +232,8 @@ def train_entry(argv=None):
                  use_cache=False if a.no_cache else None, compile_model=a.compile,
                  checkpoint="checkpoint_best.pth" if a.val_best else "checkpoint_final.pth", batch_size=a.batch_size,
                  patience=a.patience, augmented_views=a.augmented_views, pretrained_weights=a.pretrained_weights,
-                 plans_name=a.p, cooldown=a.cooldown, cache_tta_views=a.cache_tta_views)
+                 plans_name=a.p, cooldown=a.cooldown, cache_tta_views=a.cache_tta_views,
+                 self_training=a.self_training)
 
 
 @_entry

@@ -93,9 +93,11 @@ def resolve_dataset_name(dataset: str | int) -> str:
     return found[0]
 
 
-def trainer_name(head: str, num_labeled_cases: int | None = None, pretrained: bool = False) -> str:
-    """``samunetTrainer_<head>[_ssl][_n<N>]``; ``_ssl``: the U-Net fine-tuned from ``samunet_pretrain`` weights."""
-    return f"samunetTrainer_{head}" + ("_ssl" if pretrained else "") + \
+def trainer_name(head: str, num_labeled_cases: int | None = None, pretrained: bool = False,
+                 self_training: bool = False) -> str:
+    """``samunetTrainer_<head>[_ssl|_st][_n<N>]``; ``_ssl``: the U-Net fine-tuned from ``samunet_pretrain`` weights;
+    ``_st``: a student of self-training (``samunet.training.self_training``)."""
+    return f"samunetTrainer_{head}" + ("_ssl" if pretrained else "") + ("_st" if self_training else "") + \
         (f"_n{num_labeled_cases}" if num_labeled_cases else "")
 
 

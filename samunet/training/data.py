@@ -44,11 +44,15 @@ class CachedData:
     label and image are warped by one random affine map (``cached_augmentation``); images also get intensity
     augmentation. ``views`` (``AugmentedViews``) adds the stored augmented views of every case as further rows.
     With the configuration's ``embedding_context`` of 3 (``2.5d_emb``), each row's embedding is those of slices
-    s-1, s, s+1 (the same tile and view; the edge slice repeated) concatenated along channels.
+    s-1, s, s+1 (the same tile and view; the edge slice repeated) concatenated along channels. ``segs``
+    (``{case: (S, Y, X) label values}``, with ``canvas`` only) replaces the cases' reference labels, in the targets
+    and in the foreground sampling alike (self-training's pseudo-labels: the reference is never read).
     """
 
     def __init__(self, cache, identifiers: list[str], num_classes: int, canvas: int | None = None, warp=None,
-                 views=None):
+                 views=None, segs: dict | None = None):
+        if segs is not None and canvas is None:
+            raise ValueError("labels other than the reference need the hybrid head's canvas")
         self.config = cache.config
         self.label_values = cache.label_values
         self.canvas = canvas
@@ -61,9 +65,12 @@ class CachedData:
             case = None
             if canvas is not None:
                 data = np.load(cache.data_folder / f"{ident}.npy", mmap_mode="r")
-                seg = np.load(cache.data_folder / f"{ident}_seg.npy", mmap_mode="r")
+                seg = np.load(cache.data_folder / f"{ident}_seg.npy", mmap_mode="r") if segs is None else segs[ident]
                 case = (data, seg, make_layout(data.shape[2:], cfg))
                 info = {**info, "layout": case[2]}
+                if segs is not None:  # the cache's targets hold the reference: those of the given labels instead
+                    tgt = torch.cat([target_inputs(np.asarray(seg[s]), case[2], self.label_values)
+                                     for s in range(data.shape[1])]).numpy()
             self.items.append((emb, tgt, None, info, case))
             if views is not None:
                 v_emb, v_tgt, v_img, v_info = views.load(ident)

@@ -44,7 +44,8 @@ class Trainer(EpochLoop, ScaleOut):
                  device: str = "auto", use_cache: bool | None = None, seed: int = 12345,
                  ram_budget_mb: float = 4000.0, batch_size: int | None = None, patience: int | None = None,
                  augmented_views: int | None = None, pretrained_weights: str | Path | None = None,
-                 plans_name: str = "samunetPlans", compile_model: bool = False, cooldown: int | None = None):
+                 plans_name: str = "samunetPlans", compile_model: bool = False, cooldown: int | None = None,
+                 self_training: bool = False):
         self.dataset_name = resolve_dataset_name(dataset)
         self.pp_folder = preprocessed_folder() / self.dataset_name
         self.plans = load_plans(self.dataset_name, plans_name)
@@ -99,7 +100,13 @@ class Trainer(EpochLoop, ScaleOut):
         if self.pretrained_weights is not None and self.head_name not in IMAGE_MODELS:
             raise SamunetError(f"--pretrained_weights fine-tunes the U-Net (--head {IMAGE_MODELS[0]}) from "
                                f"samunet_pretrain; the {self.head_name} head starts from the frozen encoder instead")
-        self.trainer = trainer_name(self.head_name, num_labeled_cases, self.pretrained_weights is not None)
+        self.student = bool(self_training)
+        self.self_training = None  # a student's record of its teacher and data (samunet.training.self_training)
+        if self_training and not (self.hybrid and num_labeled_cases):
+            raise SamunetError("--self_training trains the hybrid head on --num_labeled_cases N cases and the "
+                               "teacher's labels of the fold's other training cases; give both")
+        self.trainer = trainer_name(self.head_name, num_labeled_cases, self.pretrained_weights is not None,
+                                    self_training)
         self.model_dir = model_folder(self.dataset_name, self.trainer, self.plans["plans_name"], configuration)
         self.output = self.model_dir / (f"fold_{self.fold}")
         self.log = new_log()
@@ -178,6 +185,9 @@ class Trainer(EpochLoop, ScaleOut):
                                  self.ram_budget_mb)
                 self.dist.barrier()
             self.train_data = CachedData(self.cache, self.train_ids, self.num_classes, canvas, warp, self.views)
+            if training and self.student:
+                from samunet.training.self_training import student_data
+                self.train_data, self.self_training = student_data(self, train, canvas, warp)
             self.val_data = CachedData(self.cache, self.val_ids, self.num_classes, canvas)
         else:
             cfg = self.image_config if self.takes_images else self.config
@@ -247,7 +257,8 @@ class Trainer(EpochLoop, ScaleOut):
                 # (augmented views are encoded with mirroring, so their embeddings are exact)
                 "mirroring_axes": [0, 1] if self.views is not None or not self.use_cache else [],
                 "augmented_views": self.views.views if self.views is not None else 0,
-                "pretrained_weights": str(self.pretrained_weights) if self.pretrained_weights else None}
+                "pretrained_weights": str(self.pretrained_weights) if self.pretrained_weights else None,
+                "self_training": self.self_training}
 
     def _load_state(self, state: dict) -> None:
         self.head.load_state_dict(state["head_state"])
@@ -327,6 +338,10 @@ class Trainer(EpochLoop, ScaleOut):
     def _input_kind(self) -> str:
         if self.takes_images:
             return f"augmented images on a {self.image_config['encoder_input_size']} px canvas, no encoder"
+        if self.self_training is not None:
+            return (f"cached embeddings, plus {self.views.views if self.views else 0} augmented views of each "
+                    f"labelled input, and {self.self_training['pseudo_labelled_cases']} pseudo-labelled cases for "
+                    f"{1 - self.self_training['labelled_fraction']:.0%} of each batch")
         if self.views is not None:
             return f"cached embeddings, plus {self.views.views} augmented views of each labelled input, encoded"
         return "cached embeddings" if self.use_cache else "encoded on the fly"
@@ -345,7 +360,8 @@ class Trainer(EpochLoop, ScaleOut):
                    "device_plan": self.device_plan, "compiled": self.compile_model, "initial_lr": self.initial_lr,
                    "early_stopping_patience": self.patience,
                    "augmented_views": self.views.views if self.views is not None else 0,
-                   "pretrained_weights": str(self.pretrained_weights) if self.pretrained_weights else None},
+                   "pretrained_weights": str(self.pretrained_weights) if self.pretrained_weights else None,
+                   "self_training": self.self_training},
                   self.output / "debug.json")
 
     # ----------------------------------------------------------------- final validation
@@ -361,12 +377,13 @@ def run_training(dataset, configuration: str, fold, head=None, epochs=None, iter
                  num_labeled_cases=None, continue_training=False, validation_only=False, device="auto",
                  save_probabilities=False, use_cache=None, checkpoint="checkpoint_final.pth",
                  batch_size=None, patience=None, augmented_views=None, pretrained_weights=None,
-                 plans_name="samunetPlans", compile_model=False, cooldown=None, cache_tta_views=False) -> Trainer:
+                 plans_name="samunetPlans", compile_model=False, cooldown=None, cache_tta_views=False,
+                 self_training=False) -> Trainer:
     """Train one fold (or, with ``validation_only``, only rerun its final validation)."""
     t = Trainer(dataset, configuration, fold, head=head, epochs=epochs, iterations_per_epoch=iterations_per_epoch,
                 num_labeled_cases=num_labeled_cases, device=device, use_cache=use_cache, batch_size=batch_size,
                 patience=patience, augmented_views=augmented_views, pretrained_weights=pretrained_weights,
-                plans_name=plans_name, compile_model=compile_model, cooldown=cooldown)
+                plans_name=plans_name, compile_model=compile_model, cooldown=cooldown, self_training=self_training)
     if not validation_only:
         t.run(continue_training)
     t.final_validation(checkpoint, save_probabilities, cache_tta_views)

@@ -1,0 +1,79 @@
+"""Self-training (``samunet_train --self_training``) on real Hippocampus cases with the session's trained hybrid
+model as the teacher: its pseudo-labels agree with the reference about as well as its validation Dice says, the
+student's batches carry the pseudo-labels (never the reference) for half of each batch, and the wrong uses are
+refused with a message."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_refused, run_entry
+from samunet.utils import SamunetError
+
+
+def _dice(a, b, value) -> float:
+    a, b = np.asarray(a) == value, np.asarray(b) == value
+    return 2 * float((a & b).sum()) / max(1, int(a.sum() + b.sum()))
+
+
+def test_pseudo_labels_and_mixed_batches_follow_the_teacher(trained, tmp_path):
+    from samunet.training.data import CachedData
+    from samunet.training.self_training import MixedData, PseudoLabels
+    t, _ = trained
+    pseudo = PseudoLabels(t)  # the session model, trained on 4 labelled cases, is the teacher of its own student
+    assert pseudo.teacher == t.output / "checkpoint_final.pth"
+    pseudo.folder = tmp_path / "pseudo_labels"
+    others = t.val_ids[:2]  # cases the teacher never trained on, already in the embedding cache
+    assert pseudo.build(others) == 2 and pseudo.build(others) == 0  # made once, then reused
+    assert json.loads((pseudo.folder / "teacher.json").read_text())["teacher_sha256"] == pseudo.key["teacher_sha256"]
+    data_dir = t.pp_folder / t.config["data_identifier"]
+    summary = json.loads((t.output / "validation" / "summary.json").read_text())
+    val_dice = {c["prediction_file"].split("/")[-1].split(".")[0]: np.mean([m["Dice"] for m in c["metrics"].values()])
+                for c in summary["metric_per_case"]}
+    for ident in others:
+        label, ref = pseudo.load(ident), np.load(data_dir / f"{ident}_seg.npy")
+        assert label.shape == ref.shape and label.dtype == np.int16 and set(np.unique(label)) <= {0, 1, 2}
+        # the teacher's labels match the reference as its final validation (the same head without mirroring, in
+        # the original geometry) did on the same case
+        dice = np.mean([_dice(label, ref, v) for v in (1, 2)])
+        assert abs(dice - val_dice[ident]) < 0.02 and dice > 0.2, (dice, val_dice[ident])
+
+    canvas = t.hybrid_architecture["canvas_size"]
+    segs = {i: pseudo.load(i) for i in others}
+    student = CachedData(t.cache, others, t.num_classes, canvas, segs=segs)
+    reference = CachedData(t.cache, others, t.num_classes, canvas)
+    rows = np.arange(len(student))
+    got, ref_batch = student.batch(rows)["target"], reference.batch(rows)["target"]
+    assert not torch.equal(got, ref_batch)  # the teacher is not perfect: its labels, not the reference, are read
+    from samunet.preprocessing.encoder_inputs import make_layout, target_inputs
+    ident, (s, tile) = others[0], student.items[0][3]["rows"][5]
+    layout = make_layout(segs[ident].shape[1:], {**t.config, "encoder_input_size": canvas})
+    assert torch.equal(got[5], target_inputs(np.asarray(segs[ident][s]), layout, t.label_values)[tile])
+    # foreground sampling follows the pseudo-labels too
+    assert student.sampler.presence.any(1).sum() == sum(
+        int((np.asarray(segs[i]) > 0).reshape(segs[i].shape[0], -1).any(1).sum()) for i in others)
+
+    labelled = CachedData(t.cache, t.train_ids, t.num_classes, canvas)
+    mixed = MixedData(labelled, student, 0.5)
+    drawn = mixed.sampler.draw(np.random.default_rng(0), 8)
+    assert (drawn < len(labelled)).sum() == 4 and len(mixed) == len(labelled) + len(student)
+    b = mixed.batch(drawn, np.random.default_rng(1))
+    assert b["target"].shape[0] == b["emb"].shape[0] == b["images"].shape[0] == 8
+
+
+def test_self_training_refuses_what_it_cannot_do(hippo_env, tmp_path):
+    from samunet.inference.predict import check_trainer_name
+    from samunet.training.trainer import Trainer
+    with pytest.raises(SamunetError, match="--self_training trains the hybrid head on --num_labeled_cases N"):
+        Trainer(4, "2d", 0, head="hybrid", self_training=True)
+    with pytest.raises(SamunetError, match="--self_training trains the hybrid head"):
+        Trainer(4, "2d", 0, head="cnn", num_labeled_cases=4, self_training=True)
+    assert check_trainer_name("samunetTrainer_hybrid_st_n4") == "hybrid"
+    for bad in ("samunetTrainer_cnn_st_n4", "samunetTrainer_hybrid_st"):
+        with pytest.raises(SamunetError, match="not a samunet trainer name"):
+            check_trainer_name(bad)
+    # a student whose teacher was never trained: the command that trains it
+    assert_refused(run_entry("train_entry", "4", "2d", "0", "--num_labeled_cases", "3", "--self_training",
+                             "--epochs", "1", "--augmented_views", "0"),
+                   "--self_training needs the teacher trained first", "--head hybrid --num_labeled_cases 3")
