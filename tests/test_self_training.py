@@ -63,13 +63,14 @@ def test_pseudo_labels_and_mixed_batches_follow_the_teacher(trained, tmp_path):
 
 
 def test_self_training_refuses_what_it_cannot_do(hippo_env, tmp_path):
-    from samunet.inference.predict import check_trainer_name
+    from samunet.inference.predict import check_trainer_name, head_of
     from samunet.training.trainer import Trainer
     with pytest.raises(SamunetError, match="--self_training trains the hybrid head on --num_labeled_cases N"):
         Trainer(4, "2d", 0, head="hybrid", self_training=True)
     with pytest.raises(SamunetError, match="--self_training trains the hybrid head"):
         Trainer(4, "2d", 0, head="cnn", num_labeled_cases=4, self_training=True)
-    assert check_trainer_name("samunetTrainer_hybrid_st_n4") == "hybrid"
+    # a student is a hybrid model to every command that reads trained models (samunet_predict -tr ..., export)
+    assert check_trainer_name("samunetTrainer_hybrid_st_n4") == head_of("samunetTrainer_hybrid_st_n4") == "hybrid"
     for bad in ("samunetTrainer_cnn_st_n4", "samunetTrainer_hybrid_st"):
         with pytest.raises(SamunetError, match="not a samunet trainer name"):
             check_trainer_name(bad)

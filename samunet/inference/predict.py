@@ -35,9 +35,9 @@ def parse_model_folder(model_dir: Path) -> tuple[str, str, str]:
 
 def head_of(trainer: str) -> str:
     """``samunetTrainer_autosam_n5`` -> ``autosam``; ``samunetTrainer_unet_ssl_n5`` (fine-tuned from
-    ``samunet_pretrain``) -> ``unet``."""
+    ``samunet_pretrain``) -> ``unet``; ``samunetTrainer_hybrid_st_n5`` (a self-training student) -> ``hybrid``."""
     head = trainer[len("samunetTrainer_"):] if trainer.startswith("samunetTrainer_") else trainer
-    return re.sub(r"(_ssl)?(_n\d+)?$", "", head)
+    return re.sub(r"(_ssl|_st)?(_n\d+)?$", "", head)
 
 
 def check_trainer_name(trainer: str, head: str | None = None, num_labeled_cases: int | None = None) -> str:
