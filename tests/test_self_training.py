@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_refused, run_entry
+from conftest import assert_refused, run_entry, tree_snapshot
 from samunet.utils import SamunetError
 
 
@@ -74,6 +74,12 @@ def test_self_training_refuses_what_it_cannot_do(hippo_env, tmp_path):
     for bad in ("samunetTrainer_cnn_st_n4", "samunetTrainer_hybrid_st"):
         with pytest.raises(SamunetError, match="not a samunet trainer name"):
             check_trainer_name(bad)
+    # a second run into a trained fold is refused before it encodes, labels or logs anything there
+    out = hippo_env / "samunet_results" / "Dataset004_Hippocampus" / "samunetTrainer_hybrid_n4__samunetPlans__2d"
+    before = {k: v for k, v in tree_snapshot(out).items() if not k.endswith(".run.lock")}
+    assert_refused(run_entry("train_entry", "4", "2d", "0", "--head", "hybrid", "--num_labeled_cases", "4"),
+                   "already holds a training run", "pass --c to continue it")
+    assert {k: v for k, v in tree_snapshot(out).items() if not k.endswith(".run.lock")} == before
     # a student whose teacher was never trained: the command that trains it
     assert_refused(run_entry("train_entry", "4", "2d", "0", "--num_labeled_cases", "3", "--self_training",
                              "--epochs", "1", "--augmented_views", "0"),

@@ -119,9 +119,12 @@ class EpochLoop:
             lock.release()
 
     def _run(self, continue_training: bool) -> dict:
-        self.initialize()
         final = self.output / "checkpoint_final.pth"
         latest = self.output / "checkpoint_latest.pth"
+        if not continue_training and (final.is_file() or latest.is_file()):  # before any encoding or labelling
+            raise SamunetError(f"{self.output} already holds a training run; pass --c to continue it, or delete "
+                               "the folder to start over")
+        self.initialize()
         if continue_training:
             if latest.is_file():
                 self.load(latest)
@@ -131,9 +134,6 @@ class EpochLoop:
                 self.text("training had finished; loading checkpoint_final")
             else:
                 self.text("no checkpoint to continue from; starting fresh")
-        elif final.is_file() or latest.is_file():
-            raise SamunetError(f"{self.output} already holds a training run; pass --c to continue it, or delete "
-                               "the folder to start over")
         if self.dist.is_main:
             self._write_run_files()
         self.text(self._describe() + f" ({self._stopping_rule()}), device {self.device}")
