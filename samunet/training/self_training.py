@@ -137,6 +137,6 @@ class MixedData:
     def batch(self, rows, rng: np.random.Generator | None = None) -> dict:
         rows = np.asarray(rows)
         mine = rows < len(self.labelled)
-        parts = [d.batch(r, rng) for d, r in ((self.labelled, rows[mine]), (self.pseudo, rows[~mine] - len(self.labelled)))
-                 if len(r)]
+        split = ((self.labelled, rows[mine]), (self.pseudo, rows[~mine] - len(self.labelled)))
+        parts = [d.batch(r, rng) for d, r in split if len(r)]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
