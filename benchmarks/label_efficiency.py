@@ -589,7 +589,8 @@ def main(argv=None):
     p.add_argument("--heads", nargs="*", default=None,
                    help="samunet models, HEAD or HEAD:CONFIGURATION (e.g. hybrid:2.5d_emb; default configuration "
                         "2d), HEAD one of " + ", ".join(HEADS) + f", {SSL} (the U-Net after samunet_pretrain) or "
-                        f"{ST} (self-training, after hybrid in the same column: its teacher) (default: autosam cnn linear unet; --quick: autosam "
+                        f"{ST} (self-training, after hybrid in the same column: its teacher) (default: autosam cnn "
+                        "linear unet; --quick: autosam "
                         "cnn unet)")
     p.add_argument("--no_nnunet", action="store_true", help="leave nnU-Net out")
     p.add_argument("--quick", action="store_true", help="small CPU budget (see QUICK); results get a _quick suffix")

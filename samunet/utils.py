@@ -142,6 +142,14 @@ def load_json(path: str | os.PathLike) -> Any:
         raise SamunetError(f"{path}: not valid JSON ({e})") from None
 
 
+def json_matches(path: str | os.PathLike, obj: Any) -> bool:
+    """Whether ``path`` holds exactly ``obj`` as JSON; a missing, unreadable or half-written file does not."""
+    try:
+        return Path(path).is_file() and load_json(path) == obj
+    except (OSError, ValueError, SamunetError):
+        return False
+
+
 def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     with atomic_file(path) as f:
         np.save(f, array, allow_pickle=False)

@@ -3,9 +3,9 @@
     summary = final_validation(trainer, "checkpoint_final.pth", save_probabilities=False)
 
 It runs the same ``predict_preprocessed`` as ``samunet_predict`` (mirroring test-time augmentation only for models
-trained with mirroring; heads read the cached embeddings of the un-flipped view instead of re-encoding them, and those of the mirrored
-views too with ``cache_tta_views``, ``samunet.preprocessing.mirrored_views``) and
-writes ``fold_K/validation/CASE<ending>`` and ``summary.json``.
+trained with mirroring; heads read the cached embeddings of the un-flipped view instead of re-encoding them, and
+those of the mirrored views too with ``cache_tta_views``, ``samunet.preprocessing.mirrored_views``) and writes
+``fold_K/validation/CASE<ending>`` and ``summary.json``.
 
 Resumable per case: after a case's files are written, ``validation/.done/CASE.json`` records what produced them (the
 checkpoint's SHA-256, the test-time augmentation, whether probabilities were saved). A rerun after an interruption
@@ -20,14 +20,7 @@ from tqdm import tqdm
 from samunet.models.checkpoints import sha256_file
 from samunet.models.run_checkpoint import check_compatible, load_checkpoint
 from samunet.training.distributed import shard
-from samunet.utils import SamunetError, load_json, save_json
-
-
-def _record(path, key: dict) -> bool:
-    try:
-        return path.is_file() and load_json(path) == key
-    except (OSError, ValueError, SamunetError):   # unreadable or half-written: predict the case again
-        return False
+from samunet.utils import json_matches, load_json, save_json
 
 
 def final_validation(t, checkpoint: str = "checkpoint_final.pth", save_probabilities: bool = False,
@@ -56,7 +49,7 @@ def final_validation(t, checkpoint: str = "checkpoint_final.pth", save_probabili
     key = {"checkpoint": checkpoint, "checkpoint_sha256": sha256_file(path), "mirroring_tta": tta,
            "probabilities": bool(save_probabilities)}
     mine = shard(t.val_ids, t.dist.rank, t.dist.world_size)
-    todo = [i for i in mine if not (_record(done_dir / f"{i}.json", key) and (val_dir / f"{i}{ending}").is_file()
+    todo = [i for i in mine if not (json_matches(done_dir / f"{i}.json", key) and (val_dir / f"{i}{ending}").is_file()
                                     and (not save_probabilities or (val_dir / f"{i}.npz").is_file()))]
     if len(todo) < len(mine):
         t.text(f"final validation: {len(mine) - len(todo)} of {len(mine)} case(s) already predicted with this "

@@ -26,7 +26,7 @@ import torch
 
 from samunet.models.checkpoints import sha256_file
 from samunet.models.run_checkpoint import check_compatible, load_checkpoint
-from samunet.utils import SamunetError, atomic_save_npy, load_json, save_json
+from samunet.utils import SamunetError, atomic_save_npy, json_matches, save_json
 
 LABELLED_FRACTION = 0.5  # of each batch, from the labelled cases; the rest from the pseudo-labelled ones
 TEACHER_CHECKPOINT = "checkpoint_final.pth"
@@ -60,11 +60,7 @@ class PseudoLabels:
     def build(self, identifiers: list[str]) -> int:
         """Label every listed case that has no pseudo-label from this teacher yet; returns how many were made."""
         key_file = self.folder / "teacher.json"
-        try:
-            same = load_json(key_file) == self.key
-        except (OSError, ValueError, SamunetError):
-            same = False
-        if not same and self.folder.is_dir():  # another teacher (retrained): its labels go
+        if not json_matches(key_file, self.key) and self.folder.is_dir():  # another teacher (retrained): its labels go
             shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         save_json(self.key, key_file)
