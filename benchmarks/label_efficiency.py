@@ -519,8 +519,9 @@ def markdown(report: dict) -> str:
                     "validation iterations per epoch), its own 2d plans, preprocessing and augmentation")
     text += ["", "Notes:", *[f"- {n}" for n in report["notes"]], "",
              f"Command: `{report['command']}`", "",
-             f"Machine: {report['machine']}; date {report['date']}; wall time of the training invocation "
-             f"{fmt_time(report['wall_s_this_invocation'])}; sum of per-cell wall times recorded by the script "
+             f"Machine: {report['machine']}; date {report['date']}; wall time of the last invocation that ran cells "
+             f"{fmt_time(report['wall_s_this_invocation'])} (a cell resumed over several invocations shows only "
+             "its last part here); sum of per-cell wall times recorded by the script "
              f"{fmt_time(report['wall_s_cells_total'])}."]
     return "\n".join(text) + "\n"
 
