@@ -201,9 +201,14 @@ def train_entry(argv=None):
                         "configuration and topology) instead of random weights, as nnUNetv2_train's flag does; the "
                         "run goes to samunetTrainer_unet_ssl[_nN] so it never overwrites the model from scratch")
     p.add_argument("--self_training", action="store_true",
-                   help="with --head hybrid and --num_labeled_cases N: train a student on the N cases and on the "
-                        "fold's other training cases labelled by the teacher (the same run without this flag, "
-                        "trained first); the run goes to samunetTrainer_hybrid_st_nN")
+                   help="with --head hybrid: train a student on the labelled cases and on unlabelled ones labelled by "
+                        "the teacher (the same run without this flag, trained first): the fold's other training "
+                        "cases with --num_labeled_cases N, the images of --unlabeled_folder; the run goes to "
+                        "samunetTrainer_hybrid_st[_nN]")
+    p.add_argument("--unlabeled_folder", default=None, metavar="DIR",
+                   help="with --self_training: raw images nobody has labelled, named as in imagesTr "
+                        "(CASE_XXXX_0000.nii.gz ...), e.g. imagesTs; preprocessed and encoded once, beside the "
+                        "data set's own cases")
     p.add_argument("--cache_tta_views", action="store_true",
                    help="keep the embeddings of the mirrored views that the final validation's test-time "
                         "augmentation encodes in the embedding cache (3x its size for the validation cases), so "
@@ -218,7 +223,7 @@ def train_entry(argv=None):
     if a.tr is not None:
         from samunet.inference.predict import check_trainer_name
         a.head = check_trainer_name(a.tr, a.head, a.num_labeled_cases)
-        a.self_training = a.self_training or "_st_n" in a.tr
+        a.self_training = a.self_training or re.search(r"_st(_n\d+)?$", a.tr) is not None
         if ("_ssl" in a.tr) != (a.pretrained_weights is not None):
             raise SamunetError(f"-tr {a.tr}: samunetTrainer_unet_ssl[_nN] is the U-Net fine-tuned from "
                                "samunet_pretrain weights; give --pretrained_weights exactly with it")
@@ -233,7 +238,7 @@ def train_entry(argv=None):
                  checkpoint="checkpoint_best.pth" if a.val_best else "checkpoint_final.pth", batch_size=a.batch_size,
                  patience=a.patience, augmented_views=a.augmented_views, pretrained_weights=a.pretrained_weights,
                  plans_name=a.p, cooldown=a.cooldown, cache_tta_views=a.cache_tta_views,
-                 self_training=a.self_training)
+                 self_training=a.self_training, unlabeled_folder=a.unlabeled_folder)
 
 
 @_entry

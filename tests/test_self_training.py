@@ -3,12 +3,13 @@ model as the teacher: its pseudo-labels agree with the reference about as well a
 student's batches carry the pseudo-labels (never the reference) for half of each batch, and the wrong uses are
 refused with a message."""
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import assert_refused, run_entry, tree_snapshot
+from conftest import HIPPO, assert_refused, run_entry, tree_snapshot
 from samunet.utils import SamunetError
 
 
@@ -65,13 +66,14 @@ def test_pseudo_labels_and_mixed_batches_follow_the_teacher(trained, tmp_path):
 def test_self_training_refuses_what_it_cannot_do(hippo_env, tmp_path):
     from samunet.inference.predict import check_trainer_name, head_of
     from samunet.training.trainer import Trainer
-    with pytest.raises(SamunetError, match="--self_training trains the hybrid head on --num_labeled_cases N"):
+    with pytest.raises(SamunetError, match="--num_labeled_cases N .* and/or --unlabeled_folder DIR"):
         Trainer(4, "2d", 0, head="hybrid", self_training=True)
     with pytest.raises(SamunetError, match="--self_training trains the hybrid head"):
         Trainer(4, "2d", 0, head="cnn", num_labeled_cases=4, self_training=True)
     # a student is a hybrid model to every command that reads trained models (samunet_predict -tr ..., export)
     assert check_trainer_name("samunetTrainer_hybrid_st_n4") == head_of("samunetTrainer_hybrid_st_n4") == "hybrid"
-    for bad in ("samunetTrainer_cnn_st_n4", "samunetTrainer_hybrid_st"):
+    assert check_trainer_name("samunetTrainer_hybrid_st") == head_of("samunetTrainer_hybrid_st") == "hybrid"
+    for bad in ("samunetTrainer_cnn_st_n4", "samunetTrainer_cnn_st"):
         with pytest.raises(SamunetError, match="not a samunet trainer name"):
             check_trainer_name(bad)
     # a second run into a trained fold is refused before it encodes, labels or logs anything there
@@ -84,3 +86,52 @@ def test_self_training_refuses_what_it_cannot_do(hippo_env, tmp_path):
     assert_refused(run_entry("train_entry", "4", "2d", "0", "--num_labeled_cases", "3", "--self_training",
                              "--epochs", "1", "--augmented_views", "0"),
                    "--self_training needs the teacher trained first", "--head hybrid --num_labeled_cases 3")
+    # a folder of unlabelled images: only with --self_training, and a folder that holds images for these plans
+    assert_refused(run_entry("train_entry", "4", "2d", "0", "--head", "hybrid", "--unlabeled_folder", str(tmp_path)),
+                   "--unlabeled_folder gives the images a self-training student learns from; add --self_training")
+    assert_refused(run_entry("train_entry", "4", "2d", "0", "--self_training", "--unlabeled_folder",
+                             str(tmp_path / "nowhere")), f"error: {tmp_path / 'nowhere'}: --unlabeled_folder not found")
+    (tmp_path / "scan.png").write_bytes(b"")
+    assert_refused(run_entry("train_entry", "4", "2d", "0", "--self_training", "--unlabeled_folder", str(tmp_path)),
+                   f"error: {tmp_path}: no images named CASE_XXXX.nii.gz")
+    # a student continues only on the pseudo-labels it started with
+    from samunet.training.self_training import check_resumed_student
+    then = {"teacher_sha256": "a", "unlabeled_folder": "/scans"}
+    check_resumed_student(dict(then), then, tmp_path)
+    for now in ({**then, "teacher_sha256": "b"}, {**then, "unlabeled_folder": None}):
+        with pytest.raises(SamunetError, match="train it afresh"):
+            check_resumed_student(now, then, tmp_path)
+
+
+def test_unlabelled_folder_gives_the_teacher_the_same_cases_as_the_data_set(trained, tmp_path, monkeypatch):
+    """``--unlabeled_folder``: raw images (here two validation cases, named as the data set's own) preprocessed and
+    encoded beside the data set's cache get the same pseudo-labels as the same cases read from the data set, and
+    join the fold's pseudo-labelled cases in the student's batches."""
+    from samunet.training.self_training import student_data
+    from samunet.training.unlabelled_images import source_name
+    t, _ = trained
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for ident in t.val_ids[:2]:
+        shutil.copy(HIPPO / "imagesTr" / f"{ident}_0000.nii.gz", scans)
+    (scans / "README.txt").write_text("scans without labels")  # not an image: not a case
+    messages = []
+    monkeypatch.setattr(t, "output", tmp_path / "fold_0")  # pseudo-labels go here, not into the session's model
+    monkeypatch.setattr(t, "text", messages.append)
+    monkeypatch.setattr(t, "unlabeled_folder", scans)
+    canvas = t.hybrid_architecture["canvas_size"]
+    data, record = student_data(t, t.train_ids + t.val_ids[:1], canvas, None)  # the fold's other case: one
+    assert record["pseudo_labelled_cases"] == 3 and record["unlabeled_folder"] == str(scans.resolve())
+    assert record["unlabeled_folder_cases"] == 2 and any(str(scans.resolve()) in m for m in messages)
+    own = np.load(tmp_path / "fold_0" / "pseudo_labels" / f"{t.val_ids[0]}.npy")
+    from_folder = tmp_path / "fold_0" / f"pseudo_labels_{source_name(scans)}"
+    assert np.array_equal(np.load(from_folder / f"{t.val_ids[0]}.npy"), own)
+    assert sorted(p.name for p in from_folder.glob("*.npy")) == sorted(f"{i}.npy" for i in t.val_ids[:2])
+    root = t.pp_folder / "unlabeled" / source_name(scans)
+    assert data.pseudo[1].items and (root / t.config["data_identifier"] / f"{t.val_ids[1]}.npy").is_file()
+    assert len(data.pseudo) == 2 and len(data) == len(t.train_data) + len(data.pseudo[0]) + len(data.pseudo[1])
+    rows = data.sampler.draw(np.random.default_rng(0), 16)
+    part = np.searchsorted(data.starts, rows, side="right")
+    assert (part == 0).sum() == 8 and (part == 1).any() and (part == 2).any() and rows.max() < len(data)
+    batch = data.batch(rows, np.random.default_rng(1))
+    assert batch["target"].shape[0] == batch["images"].shape[0] == 16

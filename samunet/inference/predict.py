@@ -43,14 +43,14 @@ def head_of(trainer: str) -> str:
 def check_trainer_name(trainer: str, head: str | None = None, num_labeled_cases: int | None = None) -> str:
     """nnU-Net's ``-tr``: ``samunetTrainer_<head>[_ssl|_st][_n<N>]``; returns the head, refusing a name that stands
     for no head or disagrees with ``--head`` / ``--num_labeled_cases`` given beside it (``_ssl``: the U-Net
-    fine-tuned from ``samunet_pretrain``; ``_st_n<N>``: a hybrid student of self-training)."""
+    fine-tuned from ``samunet_pretrain``; ``_st[_n<N>]``: a hybrid student of self-training)."""
     from samunet.models.specs import HEADS, HYBRID_HEADS, IMAGE_MODELS
     m = re.fullmatch(r"samunetTrainer_([a-z0-9]+)(_ssl|_st)?(?:_n(\d+))?", trainer)
     if not m or m.group(1) not in HEADS or (m.group(2) == "_ssl" and m.group(1) not in IMAGE_MODELS) or \
-            (m.group(2) == "_st" and (m.group(1) not in HYBRID_HEADS or not m.group(3))):
+            (m.group(2) == "_st" and m.group(1) not in HYBRID_HEADS):
         raise SamunetError(f"-tr {trainer}: not a samunet trainer name (samunetTrainer_<head>[_n<N>], head one of "
                            f"{', '.join(HEADS)}; samunetTrainer_unet_ssl[_n<N>] for the pre-trained U-Net; "
-                           "samunetTrainer_hybrid_st_n<N> for a student of self-training)")
+                           "samunetTrainer_hybrid_st[_n<N>] for a student of self-training)")
     if head is not None and head != m.group(1):
         raise SamunetError(f"-tr {trainer} and --head {head} name different heads; give one of them")
     n = int(m.group(3)) if m.group(3) else None

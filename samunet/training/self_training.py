@@ -1,20 +1,25 @@
-"""Self-training: a hybrid head trained on few labelled cases labels the fold's other training cases for a student.
+"""Self-training: a hybrid head labels unlabelled cases for a student trained on those and the labelled ones.
 
     samunet_train 4 2d 0 --num_labeled_cases 5                   # the teacher: samunetTrainer_hybrid_n5
     samunet_train 4 2d 0 --num_labeled_cases 5 --self_training   # the student: samunetTrainer_hybrid_st_n5
+    samunet_train 4 2d 0 --self_training --unlabeled_folder SCANS   # student of samunetTrainer_hybrid: ..._hybrid_st
 
-With ``--num_labeled_cases N`` the fold's other training cases are there, only their labels are set aside. The
-student reads their images and cached embeddings with the teacher's predictions as labels (pseudo-labels, the hard
-argmax of the teacher's ``checkpoint_final.pth`` in the preprocessed geometry, without test-time augmentation: the
-cached embeddings give them for the cost of the head alone), and their reference labels are never opened. Every
-batch draws ``LABELLED_FRACTION`` of its samples from the labelled cases (and their augmented views) and the rest
-from the pseudo-labelled ones, both with the hybrid head's cached-path augmentation; the student starts afresh
-(noisy-student style: its augmentation is the noise the teacher's predictions did not see), validates on the
-fold's validation cases like every other run and is predicted like any other model.
+The unlabelled cases come from two places. With ``--num_labeled_cases N`` the fold's other training cases are
+there, only their labels are set aside (what the label-efficiency study measures); with ``--unlabeled_folder`` the
+raw images of a folder (``samunet.training.unlabelled_images``); with both, both. The student reads their images
+and cached embeddings with the teacher's predictions as labels (pseudo-labels, the hard argmax of the teacher's
+``checkpoint_final.pth`` in the preprocessed geometry, without test-time augmentation: the cached embeddings give
+them for the cost of the head alone), and reference labels of the fold's cases are never opened. Every batch draws
+``LABELLED_FRACTION`` of its samples from the labelled cases (and their augmented views) and the rest from the
+pseudo-labelled ones (from each source in proportion to its slices), all with the hybrid head's cached-path
+augmentation; the student starts afresh (noisy-student style: its augmentation is the noise the teacher's
+predictions did not see), validates on the fold's validation cases like every other run and is predicted like any
+other model.
 
-Pseudo-labels are stored once per student under ``fold_K/pseudo_labels/CASE.npy`` (``(S, Y, X)`` int16 label
-values, written atomically) with ``teacher.json`` naming the teacher's checkpoint and SHA-256; a resumed run reuses
-them, another teacher makes them again.
+Pseudo-labels are stored once per student under ``fold_K/pseudo_labels/CASE.npy`` (the fold's cases) and
+``fold_K/pseudo_labels_<source>/CASE.npy`` (a folder's) (``(S, Y, X)`` int16 label values, written atomically)
+with ``teacher.json`` naming the teacher's checkpoint and SHA-256; a resumed run reuses them, another teacher makes
+them again.
 """
 from __future__ import annotations
 
@@ -45,12 +50,24 @@ def teacher_checkpoint(t) -> Path:
     return path
 
 
-class PseudoLabels:
-    """The teacher's labels of the unlabelled training cases of student trainer ``t``."""
+def check_resumed_student(now: dict | None, then: dict | None, output: Path) -> None:
+    """A student continues (``--c``) only on the pseudo-labels it started with: same teacher, same folder."""
+    now, then = now or {}, then or {}
+    for key in ("teacher_sha256", "unlabeled_folder"):
+        if now.get(key) != then.get(key):
+            raise SamunetError(f"{output}: this run's self-training {key.replace('_', ' ')} was {then.get(key)}, "
+                               f"now {now.get(key)}; train it afresh (remove the fold or use another results "
+                               "folder) instead of continuing")
 
-    def __init__(self, t):
+
+class PseudoLabels:
+    """The teacher's labels of unlabelled cases of student trainer ``t``: the fold's (``cache``: the trainer's), or
+    those of an ``--unlabeled_folder`` (its own cache, and ``source`` naming the folder)."""
+
+    def __init__(self, t, cache=None, source: str | None = None):
         self.t = t
-        self.folder = t.output / "pseudo_labels"
+        self.cache = cache or t.cache
+        self.folder = t.output / ("pseudo_labels" + (f"_{source}" if source else ""))
         self.teacher = teacher_checkpoint(t)
         self.key = {"teacher": str(self.teacher), "teacher_sha256": sha256_file(self.teacher)}
 
@@ -72,9 +89,9 @@ class PseudoLabels:
         t = self.t
         values = np.asarray(sorted(t.label_values))
         for ident in todo:
-            data = np.load(t.cache.data_folder / f"{ident}.npy", mmap_mode="r")
+            data = np.load(self.cache.data_folder / f"{ident}.npy", mmap_mode="r")
             probs = predict_preprocessed(data, t.config, t.encoder, [head], t.num_classes, tta=False,
-                                         cached_embeddings=t.cache.load(ident)[0], batch_size=t.batch_size,
+                                         cached_embeddings=self.cache.load(ident)[0], batch_size=t.batch_size,
                                          device=t.device)
             atomic_save_npy(self.file(ident), values[probs.argmax(0)].astype(np.int16))
         return len(todo)
@@ -95,44 +112,64 @@ class PseudoLabels:
 
 def student_data(t, train: list[str], canvas: int, warp) -> tuple["MixedData", dict]:
     """The training data of student trainer ``t`` (its labelled data ``t.train_data`` already made) and the record
-    of what it learns from: the fold's other training cases ``train`` encoded into the cache, labelled by the
-    teacher, mixed into every batch."""
+    of what it learns from: the unlabelled cases (the fold's other training cases with ``--num_labeled_cases``,
+    those of ``t.unlabeled_folder``) encoded into their caches, labelled by the teacher, mixed into every batch."""
     from samunet.training.data import CachedData
     from samunet.training.distributed import shard
-    pseudo = PseudoLabels(t)  # refuses before any encoding when the teacher is missing
-    others = [i for i in train if i not in set(t.train_ids)]
-    t.cache.build(shard(others, t.dist.rank, t.dist.world_size), t.encoder, t.ram_budget_mb)
-    t.dist.barrier()
-    if t.dist.is_main:
-        made = pseudo.build(others)
-        t.text(f"self-training: {len(others)} pseudo-labelled case(s) from the teacher {pseudo.teacher} "
-               f"({made} labelled now, the others earlier)")
-    t.dist.barrier()
-    data = CachedData(t.cache, others, t.num_classes, canvas, warp, segs={i: pseudo.load(i) for i in others})
-    record = {**pseudo.key, "pseudo_labelled_cases": len(others), "labelled_fraction": LABELLED_FRACTION,
+    sources = []  # (pseudo-labels, cases, what they are)
+    if t.num_labeled_cases:
+        sources.append((PseudoLabels(t), [i for i in train if i not in set(t.train_ids)],
+                        "of the fold's other training cases"))  # refuses before any encoding without the teacher
+    record = {}
+    if t.unlabeled_folder is not None:
+        from samunet.training.unlabelled_images import source_name, unlabelled_cache
+        teacher_checkpoint(t)
+        cache, ids = unlabelled_cache(t, t.unlabeled_folder)
+        sources.append((PseudoLabels(t, cache, source_name(t.unlabeled_folder)), ids,
+                        f"of {Path(t.unlabeled_folder).resolve()}"))
+        record = {"unlabeled_folder": str(Path(t.unlabeled_folder).resolve()), "unlabeled_folder_cases": len(ids)}
+    parts = []
+    for pseudo, ids, what in sources:
+        pseudo.cache.build(shard(ids, t.dist.rank, t.dist.world_size), t.encoder, t.ram_budget_mb)
+        t.dist.barrier()
+        if t.dist.is_main:
+            made = pseudo.build(ids)
+            t.text(f"self-training: {len(ids)} pseudo-labelled case(s) {what} from the teacher {pseudo.teacher} "
+                   f"({made} labelled now, the others earlier)")
+        t.dist.barrier()
+        parts.append(CachedData(pseudo.cache, ids, t.num_classes, canvas, warp,
+                                segs={i: pseudo.load(i) for i in ids}))
+    record = {**sources[0][0].key, "pseudo_labelled_cases": sum(len(ids) for _, ids, _ in sources), **record,
+              "labelled_fraction": LABELLED_FRACTION,
               "pseudo_labels": "argmax of the teacher's checkpoint_final.pth, no test-time augmentation"}
-    return MixedData(t.train_data, data, LABELLED_FRACTION), record
+    return MixedData(t.train_data, parts, LABELLED_FRACTION), record
 
 
 class MixedData:
-    """Batches with ``fraction`` of their samples from ``labelled`` and the rest from ``pseudo`` (two
-    ``CachedData``); the draws of each part depend only on the generator, so a resumed run draws the same."""
+    """Batches with ``fraction`` of their samples from ``labelled`` and the rest from ``pseudo`` (one or several
+    ``CachedData``, drawn in proportion to their rows); the draws depend only on the generator, so a resumed run
+    draws the same."""
 
     def __init__(self, labelled, pseudo, fraction: float = LABELLED_FRACTION):
-        self.labelled, self.pseudo, self.fraction = labelled, pseudo, float(fraction)
+        self.labelled, self.fraction = labelled, float(fraction)
+        self.pseudo = list(pseudo) if isinstance(pseudo, (list, tuple)) else [pseudo]
+        self.starts = np.cumsum([len(labelled)] + [len(p) for p in self.pseudo])  # first row of each pseudo part
         self.sampler = self
 
     def __len__(self):
-        return len(self.labelled) + len(self.pseudo)
+        return int(self.starts[-1])
 
     def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
         k = int(round(n * self.fraction))
-        return np.concatenate([self.labelled.sampler.draw(rng, k),
-                               len(self.labelled) + self.pseudo.sampler.draw(rng, n - k)])
+        sizes = np.asarray([len(p) for p in self.pseudo], float)
+        counts = [n - k] if len(sizes) == 1 else rng.multinomial(n - k, sizes / sizes.sum())
+        return np.concatenate([self.labelled.sampler.draw(rng, k)] +
+                              [s + p.sampler.draw(rng, c) for s, p, c in zip(self.starts, self.pseudo, counts)])
 
     def batch(self, rows, rng: np.random.Generator | None = None) -> dict:
         rows = np.asarray(rows)
-        mine = rows < len(self.labelled)
-        split = ((self.labelled, rows[mine]), (self.pseudo, rows[~mine] - len(self.labelled)))
-        parts = [d.batch(r, rng) for d, r in split if len(r)]
+        part = np.searchsorted(self.starts, rows, side="right")  # 0: labelled, i: pseudo part i - 1
+        offsets = np.concatenate([[0], self.starts[:-1]])
+        parts = [d.batch(rows[part == i] - offsets[i], rng)
+                 for i, d in enumerate([self.labelled, *self.pseudo]) if (part == i).any()]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}

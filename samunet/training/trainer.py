@@ -45,7 +45,7 @@ class Trainer(EpochLoop, ScaleOut):
                  ram_budget_mb: float = 4000.0, batch_size: int | None = None, patience: int | None = None,
                  augmented_views: int | None = None, pretrained_weights: str | Path | None = None,
                  plans_name: str = "samunetPlans", compile_model: bool = False, cooldown: int | None = None,
-                 self_training: bool = False):
+                 self_training: bool = False, unlabeled_folder: str | Path | None = None):
         self.dataset_name = resolve_dataset_name(dataset)
         self.pp_folder = preprocessed_folder() / self.dataset_name
         self.plans = load_plans(self.dataset_name, plans_name)
@@ -102,9 +102,17 @@ class Trainer(EpochLoop, ScaleOut):
                                f"samunet_pretrain; the {self.head_name} head starts from the frozen encoder instead")
         self.student = bool(self_training)
         self.self_training = None  # a student's record of its teacher and data (samunet.training.self_training)
-        if self_training and not (self.hybrid and num_labeled_cases):
-            raise SamunetError("--self_training trains the hybrid head on --num_labeled_cases N cases and the "
-                               "teacher's labels of the fold's other training cases; give both")
+        self.unlabeled_folder = Path(unlabeled_folder) if unlabeled_folder else None
+        if self.unlabeled_folder is not None and not self_training:
+            raise SamunetError("--unlabeled_folder gives the images a self-training student learns from; add "
+                               "--self_training")
+        if self_training and not (self.hybrid and (num_labeled_cases or self.unlabeled_folder)):
+            raise SamunetError("--self_training trains the hybrid head on the labelled cases and the teacher's labels "
+                               "of unlabelled ones: give --head hybrid with --num_labeled_cases N (the fold's other "
+                               "training cases) and/or --unlabeled_folder DIR (raw images)")
+        if self.unlabeled_folder is not None:  # a wrong folder is refused before any work
+            from samunet.training.unlabelled_images import unlabelled_cases
+            unlabelled_cases(self.unlabeled_folder, self.plans)
         self.trainer = trainer_name(self.head_name, num_labeled_cases, self.pretrained_weights is not None,
                                     self_training)
         self.model_dir = model_folder(self.dataset_name, self.trainer, self.plans["plans_name"], configuration)
@@ -261,6 +269,9 @@ class Trainer(EpochLoop, ScaleOut):
                 "self_training": self.self_training}
 
     def _load_state(self, state: dict) -> None:
+        if self.student:
+            from samunet.training.self_training import check_resumed_student
+            check_resumed_student(self.self_training, state.get("self_training"), self.output)
         self.head.load_state_dict(state["head_state"])
         self.optimizer.load_state_dict(state["optimizer_state"])
         self.scaler.load_state_dict(state["scaler_state"])
@@ -378,12 +389,13 @@ def run_training(dataset, configuration: str, fold, head=None, epochs=None, iter
                  save_probabilities=False, use_cache=None, checkpoint="checkpoint_final.pth",
                  batch_size=None, patience=None, augmented_views=None, pretrained_weights=None,
                  plans_name="samunetPlans", compile_model=False, cooldown=None, cache_tta_views=False,
-                 self_training=False) -> Trainer:
+                 self_training=False, unlabeled_folder=None) -> Trainer:
     """Train one fold (or, with ``validation_only``, only rerun its final validation)."""
     t = Trainer(dataset, configuration, fold, head=head, epochs=epochs, iterations_per_epoch=iterations_per_epoch,
                 num_labeled_cases=num_labeled_cases, device=device, use_cache=use_cache, batch_size=batch_size,
                 patience=patience, augmented_views=augmented_views, pretrained_weights=pretrained_weights,
-                plans_name=plans_name, compile_model=compile_model, cooldown=cooldown, self_training=self_training)
+                plans_name=plans_name, compile_model=compile_model, cooldown=cooldown, self_training=self_training,
+                unlabeled_folder=unlabeled_folder)
     if not validation_only:
         t.run(continue_training)
     t.final_validation(checkpoint, save_probabilities, cache_tta_views)
