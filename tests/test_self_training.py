@@ -118,6 +118,8 @@ def test_unlabelled_folder_gives_the_teacher_the_same_cases_as_the_data_set(trai
     messages = []
     monkeypatch.setattr(t, "output", tmp_path / "fold_0")  # pseudo-labels go here, not into the session's model
     monkeypatch.setattr(t, "text", messages.append)
+    with pytest.raises(SamunetError, match="no unlabelled cases"):  # every training case of the fold labelled
+        student_data(t, list(t.train_ids), t.hybrid_architecture["canvas_size"], None)
     monkeypatch.setattr(t, "unlabeled_folder", scans)
     canvas = t.hybrid_architecture["canvas_size"]
     data, record = student_data(t, t.train_ids + t.val_ids[:1], canvas, None)  # the fold's other case: one

@@ -128,6 +128,10 @@ def student_data(t, train: list[str], canvas: int, warp) -> tuple["MixedData", d
         sources.append((PseudoLabels(t, cache, source_name(t.unlabeled_folder)), ids,
                         f"of {Path(t.unlabeled_folder).resolve()}"))
         record = {"unlabeled_folder": str(Path(t.unlabeled_folder).resolve()), "unlabeled_folder_cases": len(ids)}
+    sources = [s for s in sources if s[1]]
+    if not sources:
+        raise SamunetError(f"--self_training: no unlabelled cases (--num_labeled_cases {t.num_labeled_cases} labels "
+                           f"all {len(train)} training cases of fold {t.fold}); give fewer or an --unlabeled_folder")
     parts = []
     for pseudo, ids, what in sources:
         pseudo.cache.build(shard(ids, t.dist.rank, t.dist.world_size), t.encoder, t.ram_budget_mb)
