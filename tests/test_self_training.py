@@ -56,7 +56,7 @@ def test_pseudo_labels_and_mixed_batches_follow_the_teacher(trained, tmp_path):
         int((np.asarray(segs[i]) > 0).reshape(segs[i].shape[0], -1).any(1).sum()) for i in others)
 
     labelled = CachedData(t.cache, t.train_ids, t.num_classes, canvas)
-    mixed = MixedData(labelled, student, 0.5)
+    mixed = MixedData(labelled, [student], 0.5)
     drawn = mixed.sampler.draw(np.random.default_rng(0), 8)
     assert (drawn < len(labelled)).sum() == 4 and len(mixed) == len(labelled) + len(student)
     b = mixed.batch(drawn, np.random.default_rng(1))
@@ -133,7 +133,7 @@ def test_unlabelled_folder_gives_the_teacher_the_same_cases_as_the_data_set(trai
     assert data.pseudo[1].items and (root / t.config["data_identifier"] / f"{t.val_ids[1]}.npy").is_file()
     assert len(data.pseudo) == 2 and len(data) == len(t.train_data) + len(data.pseudo[0]) + len(data.pseudo[1])
     rows = data.sampler.draw(np.random.default_rng(0), 16)
-    part = np.searchsorted(data.starts, rows, side="right")
+    part = np.searchsorted(data.bounds, rows, side="right") - 1
     assert (part == 0).sum() == 8 and (part == 1).any() and (part == 2).any() and rows.max() < len(data)
     batch = data.batch(rows, np.random.default_rng(1))
     assert batch["target"].shape[0] == batch["images"].shape[0] == 16

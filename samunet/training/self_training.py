@@ -120,14 +120,14 @@ def student_data(t, train: list[str], canvas: int, warp) -> tuple["MixedData", d
     if t.num_labeled_cases:
         sources.append((PseudoLabels(t), [i for i in train if i not in set(t.train_ids)],
                         "of the fold's other training cases"))  # refuses before any encoding without the teacher
-    record = {}
+    folder_record = {}
     if t.unlabeled_folder is not None:
         from samunet.training.unlabelled_images import source_name, unlabelled_cache
-        teacher_checkpoint(t)
+        teacher_checkpoint(t)  # refuses before the folder is preprocessed when the teacher is missing
         cache, ids = unlabelled_cache(t, t.unlabeled_folder)
-        sources.append((PseudoLabels(t, cache, source_name(t.unlabeled_folder)), ids,
-                        f"of {Path(t.unlabeled_folder).resolve()}"))
-        record = {"unlabeled_folder": str(Path(t.unlabeled_folder).resolve()), "unlabeled_folder_cases": len(ids)}
+        folder = Path(t.unlabeled_folder).resolve()
+        sources.append((PseudoLabels(t, cache, source_name(folder)), ids, f"of {folder}"))
+        folder_record = {"unlabeled_folder": str(folder), "unlabeled_folder_cases": len(ids)}
     sources = [s for s in sources if s[1]]
     if not sources:
         raise SamunetError(f"--self_training: no unlabelled cases (--num_labeled_cases {t.num_labeled_cases} labels "
@@ -143,37 +143,36 @@ def student_data(t, train: list[str], canvas: int, warp) -> tuple["MixedData", d
         t.dist.barrier()
         parts.append(CachedData(pseudo.cache, ids, t.num_classes, canvas, warp,
                                 segs={i: pseudo.load(i) for i in ids}))
-    record = {**sources[0][0].key, "pseudo_labelled_cases": sum(len(ids) for _, ids, _ in sources), **record,
+    record = {**sources[0][0].key, "pseudo_labelled_cases": sum(len(ids) for _, ids, _ in sources), **folder_record,
               "labelled_fraction": LABELLED_FRACTION,
               "pseudo_labels": "argmax of the teacher's checkpoint_final.pth, no test-time augmentation"}
     return MixedData(t.train_data, parts, LABELLED_FRACTION), record
 
 
 class MixedData:
-    """Batches with ``fraction`` of their samples from ``labelled`` and the rest from ``pseudo`` (one or several
-    ``CachedData``, drawn in proportion to their rows); the draws depend only on the generator, so a resumed run
-    draws the same."""
+    """Batches with ``fraction`` of their samples from ``labelled`` and the rest from the ``pseudo`` list of
+    ``CachedData`` (drawn in proportion to their rows); the draws depend only on the generator, so a resumed run
+    draws the same. Rows are numbered through ``labelled`` and then each pseudo part."""
 
-    def __init__(self, labelled, pseudo, fraction: float = LABELLED_FRACTION):
-        self.labelled, self.fraction = labelled, float(fraction)
-        self.pseudo = list(pseudo) if isinstance(pseudo, (list, tuple)) else [pseudo]
-        self.starts = np.cumsum([len(labelled)] + [len(p) for p in self.pseudo])  # first row of each pseudo part
+    def __init__(self, labelled, pseudo: list, fraction: float = LABELLED_FRACTION):
+        self.labelled, self.pseudo, self.fraction = labelled, list(pseudo), float(fraction)
+        # bounds[i]: the first row of part i (0: labelled, i: pseudo part i - 1); bounds[-1]: the number of rows
+        self.bounds = np.cumsum([0, len(labelled), *(len(p) for p in self.pseudo)])
         self.sampler = self
 
     def __len__(self):
-        return int(self.starts[-1])
+        return int(self.bounds[-1])
 
     def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
         k = int(round(n * self.fraction))
         sizes = np.asarray([len(p) for p in self.pseudo], float)
         counts = [n - k] if len(sizes) == 1 else rng.multinomial(n - k, sizes / sizes.sum())
         return np.concatenate([self.labelled.sampler.draw(rng, k)] +
-                              [s + p.sampler.draw(rng, c) for s, p, c in zip(self.starts, self.pseudo, counts)])
+                              [b + p.sampler.draw(rng, c) for b, p, c in zip(self.bounds[1:], self.pseudo, counts)])
 
     def batch(self, rows, rng: np.random.Generator | None = None) -> dict:
         rows = np.asarray(rows)
-        part = np.searchsorted(self.starts, rows, side="right")  # 0: labelled, i: pseudo part i - 1
-        offsets = np.concatenate([[0], self.starts[:-1]])
-        parts = [d.batch(rows[part == i] - offsets[i], rng)
+        part = np.searchsorted(self.bounds, rows, side="right") - 1
+        parts = [d.batch(rows[part == i] - self.bounds[i], rng)
                  for i, d in enumerate([self.labelled, *self.pseudo]) if (part == i).any()]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
