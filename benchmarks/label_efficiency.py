@@ -251,7 +251,7 @@ def samunet_cell(a, method: str, n: str, expected_train: list[str], val: list[st
     if num is not None:
         cmd += ["--num_labeled_cases", str(num)]
     if student:
-        cmd += ["--self_training"]
+        cmd += ["--self_training"] + (["--pseudo_label_tta"] if a.pseudo_label_tta else [])
     if pretrained is not None:
         cmd += ["--pretrained_weights", str(pretrained["checkpoint"])]
     if a.augmented_views is not None and head == "hybrid":
@@ -461,7 +461,8 @@ def markdown(report: dict) -> str:
                                       for s in settings) + " |"
     lines = [head, "|---|" + "---|" * len(settings)]
     for m in report["settings"]["methods"]:
-        row = [LABELS.get(m, m)]
+        row = [LABELS.get(m, m) + (", labels with mirroring TTA" if m == ST and
+                                   report["budgets"]["heads"].get("pseudo_label_tta") else "")]
         for s in settings:
             c = cells.get(f"{m}_n{s}")
             if c is None:
@@ -608,6 +609,9 @@ def main(argv=None):
     p.add_argument("--augmented_views", type=int, default=None,
                    help="hybrid heads: augmented views per labelled slice (samunet_train --augmented_views; default: "
                         "the plans' rule); a study of another number of views needs its own --suffix")
+    p.add_argument("--pseudo_label_tta", action="store_true",
+                   help=f"{ST}: the teacher labels with mirroring TTA (samunet_train --pseudo_label_tta); needs its "
+                        "own --suffix and samunet_results (the teacher's model folder linked there)")
     p.add_argument("--unet_epochs", type=int, default=None, help="U-Net: epochs (default: as the heads)")
     p.add_argument("--unet_iterations", type=int, default=None, help="U-Net: iterations (default: as the heads)")
     p.add_argument("--pretrain_epochs", type=int, default=None,
@@ -854,7 +858,8 @@ def main(argv=None):
                      "num_train_cases_by_setting": {s: len(subsets[s]) for s in labeled},
                      "subsets": subsets, "split_seed": SPLIT_SEED},
         "budgets": {"heads": {**heads_b,
-                              **({} if a.augmented_views is None else {"augmented_views": a.augmented_views})},
+                              **({} if a.augmented_views is None else {"augmented_views": a.augmented_views}),
+                              **({"pseudo_label_tta": True} if a.pseudo_label_tta else {})},
                     "unet": unet_b, "pretrain": pre_b, **({"nnunet": nn_b} if nn else {})},
         "samunet_plans": {"encoder": plans["encoder"]["name"], "encoder_input_size": cfg["encoder_input_size"],
                           "inplane_mode": cfg["inplane_mode"], "slice_axis": cfg["slice_axis"],

@@ -209,6 +209,10 @@ def train_entry(argv=None):
                    help="with --self_training: raw images nobody has labelled, named as in imagesTr "
                         "(CASE_XXXX_0000.nii.gz ...), e.g. imagesTs; preprocessed and encoded once, beside the "
                         "data set's own cases")
+    p.add_argument("--pseudo_label_tta", action="store_true",
+                   help="with --self_training: the teacher labels the unlabelled cases with mirroring test-time "
+                        "augmentation (as its final validation predicts) instead of from their cached embeddings "
+                        "alone; encodes three mirrored views of every unlabelled slice once")
     p.add_argument("--cache_tta_views", action="store_true",
                    help="keep the embeddings of the mirrored views that the final validation's test-time "
                         "augmentation encodes in the embedding cache (3x its size for the validation cases), so "
@@ -238,7 +242,8 @@ def train_entry(argv=None):
                  checkpoint="checkpoint_best.pth" if a.val_best else "checkpoint_final.pth", batch_size=a.batch_size,
                  patience=a.patience, augmented_views=a.augmented_views, pretrained_weights=a.pretrained_weights,
                  plans_name=a.p, cooldown=a.cooldown, cache_tta_views=a.cache_tta_views,
-                 self_training=a.self_training, unlabeled_folder=a.unlabeled_folder)
+                 self_training=a.self_training, unlabeled_folder=a.unlabeled_folder,
+                 pseudo_label_tta=a.pseudo_label_tta)
 
 
 @_entry

@@ -55,6 +55,31 @@ def test_pseudo_labels_and_mixed_batches_follow_the_teacher(trained, tmp_path):
     assert student.sampler.presence.any(1).sum() == sum(
         int((np.asarray(segs[i]) > 0).reshape(segs[i].shape[0], -1).any(1).sum()) for i in others)
 
+    # --pseudo_label_tta: the teacher's labels with mirroring, as its final validation predicts for a teacher trained
+    # with mirroring (this one was not: refused; the same weights marked as mirrored: its mirrored prediction)
+    from samunet.inference.predictor import predict_preprocessed
+    from samunet.models.run_checkpoint import load_checkpoint, save_checkpoint
+    t.pseudo_label_tta = True
+    try:
+        refused = PseudoLabels(t)
+        refused.folder = tmp_path / "refused"
+        with pytest.raises(SamunetError, match="trained without mirroring"):
+            refused.build(others[:1])
+        mirrored = PseudoLabels(t)
+        state = load_checkpoint(mirrored.teacher)
+        mirrored.teacher = tmp_path / "teacher_mirrored.pth"
+        save_checkpoint({**state, "mirroring_axes": [0, 1]}, mirrored.teacher)
+        mirrored.folder = tmp_path / "pseudo_labels_tta"
+        assert mirrored.build(others[:1]) == 1
+        data = np.load(data_dir / f"{others[0]}.npy", mmap_mode="r")
+        probs = predict_preprocessed(data, t.config, t.encoder, [mirrored._teacher_head()], t.num_classes, tta=True,
+                                     batch_size=t.batch_size)
+        values = np.asarray(sorted(t.label_values))
+        assert np.array_equal(mirrored.load(others[0]), values[probs.argmax(0)])
+        assert not np.array_equal(mirrored.load(others[0]), pseudo.load(others[0]))  # not the labels without TTA
+    finally:
+        t.pseudo_label_tta = False
+
     labelled = CachedData(t.cache, t.train_ids, t.num_classes, canvas)
     mixed = MixedData(labelled, [student], 0.5)
     drawn = mixed.sampler.draw(np.random.default_rng(0), 8)
@@ -98,9 +123,13 @@ def test_self_training_refuses_what_it_cannot_do(hippo_env, tmp_path):
     from samunet.training.self_training import check_resumed_student
     then = {"teacher_sha256": "a", "unlabeled_folder": "/scans"}
     check_resumed_student(dict(then), then, tmp_path)
-    for now in ({**then, "teacher_sha256": "b"}, {**then, "unlabeled_folder": None}):
+    check_resumed_student({**then, "pseudo_label_tta": False}, then, tmp_path)  # a record from before the option
+    for now in ({**then, "teacher_sha256": "b"}, {**then, "unlabeled_folder": None},
+                {**then, "pseudo_label_tta": True}):
         with pytest.raises(SamunetError, match="train it afresh"):
             check_resumed_student(now, then, tmp_path)
+    assert_refused(run_entry("train_entry", "4", "2d", "0", "--num_labeled_cases", "3", "--pseudo_label_tta"),
+                   "--pseudo_label_tta says how a self-training student's labels are made; add --self_training")
 
 
 def test_unlabelled_folder_gives_the_teacher_the_same_cases_as_the_data_set(trained, tmp_path, monkeypatch):

@@ -8,8 +8,10 @@ The unlabelled cases come from two places. With ``--num_labeled_cases N`` the fo
 there, only their labels are set aside (what the label-efficiency study measures); with ``--unlabeled_folder`` the
 raw images of a folder (``samunet.training.unlabelled_images``); with both, both. The student reads their images
 and cached embeddings with the teacher's predictions as labels (pseudo-labels, the hard argmax of the teacher's
-``checkpoint_final.pth`` in the preprocessed geometry, without test-time augmentation: the cached embeddings give
-them for the cost of the head alone), and reference labels of the fold's cases are never opened. Every batch draws
+``checkpoint_final.pth`` in the preprocessed geometry: by default without test-time augmentation, the cached
+embeddings giving them for the cost of the head alone; with ``--pseudo_label_tta`` with the mirroring the teacher
+was trained with, as its final validation predicts, at the price of encoding three mirrored views of every
+unlabelled slice), and reference labels of the fold's cases are never opened. Every batch draws
 ``LABELLED_FRACTION`` of its samples from the labelled cases (and their augmented views) and the rest from the
 pseudo-labelled ones (from each source in proportion to its slices), all with the hybrid head's cached-path
 augmentation; the student starts afresh (noisy-student style: its augmentation is the noise the teacher's
@@ -19,7 +21,7 @@ other model.
 Pseudo-labels are stored once per student under ``fold_K/pseudo_labels/CASE.npy`` (the fold's cases) and
 ``fold_K/pseudo_labels_<source>/CASE.npy`` (a folder's) (``(S, Y, X)`` int16 label values, written atomically)
 with ``teacher.json`` naming the teacher's checkpoint and SHA-256; a resumed run reuses them, another teacher makes
-them again.
+them again (or those of the other ``--pseudo_label_tta`` setting).
 """
 from __future__ import annotations
 
@@ -50,14 +52,32 @@ def teacher_checkpoint(t) -> Path:
     return path
 
 
+def check_student_options(t, self_training: bool, num_labeled_cases, pseudo_label_tta: bool) -> None:
+    """Refuse self-training options that make no student (before any work): ``t`` has its head, ``hybrid`` flag and
+    ``unlabeled_folder`` set."""
+    if t.unlabeled_folder is not None and not self_training:
+        raise SamunetError("--unlabeled_folder gives the images a self-training student learns from; add "
+                           "--self_training")
+    if pseudo_label_tta and not self_training:
+        raise SamunetError("--pseudo_label_tta says how a self-training student's labels are made; add --self_training")
+    if self_training and not (t.hybrid and (num_labeled_cases or t.unlabeled_folder)):
+        raise SamunetError("--self_training trains the hybrid head on the labelled cases and the teacher's labels "
+                           "of unlabelled ones: give --head hybrid with --num_labeled_cases N (the fold's other "
+                           "training cases) and/or --unlabeled_folder DIR (raw images)")
+    if t.unlabeled_folder is not None:  # a wrong folder is refused before any work
+        from samunet.training.unlabelled_images import unlabelled_cases
+        unlabelled_cases(t.unlabeled_folder, t.plans)
+
+
 def check_resumed_student(now: dict | None, then: dict | None, output: Path) -> None:
-    """A student continues (``--c``) only on the pseudo-labels it started with: same teacher, same folder."""
+    """A student continues (``--c``) only on the pseudo-labels it started with: same teacher, same folder, same
+    test-time augmentation of the teacher."""
     now, then = now or {}, then or {}
-    for key in ("teacher_sha256", "unlabeled_folder"):
-        if now.get(key) != then.get(key):
-            raise SamunetError(f"{output}: this run's self-training {key.replace('_', ' ')} was {then.get(key)}, "
-                               f"now {now.get(key)}; train it afresh (remove the fold or use another results "
-                               "folder) instead of continuing")
+    for key, default in (("teacher_sha256", None), ("unlabeled_folder", None), ("pseudo_label_tta", False)):
+        if now.get(key, default) != then.get(key, default):
+            raise SamunetError(f"{output}: this run's self-training {key.replace('_', ' ')} was "
+                               f"{then.get(key, default)}, now {now.get(key, default)}; train it afresh (remove the "
+                               "fold or use another results folder) instead of continuing")
 
 
 class PseudoLabels:
@@ -69,7 +89,9 @@ class PseudoLabels:
         self.cache = cache or t.cache
         self.folder = t.output / ("pseudo_labels" + (f"_{source}" if source else ""))
         self.teacher = teacher_checkpoint(t)
-        self.key = {"teacher": str(self.teacher), "teacher_sha256": sha256_file(self.teacher)}
+        self.tta = bool(t.pseudo_label_tta)
+        self.key = {"teacher": str(self.teacher), "teacher_sha256": sha256_file(self.teacher),
+                    **({"mirroring_tta": True} if self.tta else {})}
 
     def file(self, ident: str):
         return self.folder / f"{ident}.npy"
@@ -90,7 +112,7 @@ class PseudoLabels:
         values = np.asarray(sorted(t.label_values))
         for ident in todo:
             data = np.load(self.cache.data_folder / f"{ident}.npy", mmap_mode="r")
-            probs = predict_preprocessed(data, t.config, t.encoder, [head], t.num_classes, tta=False,
+            probs = predict_preprocessed(data, t.config, t.encoder, [head], t.num_classes, tta=self.tta,
                                          cached_embeddings=self.cache.load(ident)[0], batch_size=t.batch_size,
                                          device=t.device)
             atomic_save_npy(self.file(ident), values[probs.argmax(0)].astype(np.int16))
@@ -101,6 +123,9 @@ class PseudoLabels:
         t = self.t
         state = load_checkpoint(self.teacher)
         check_compatible(state, self.teacher, t._expected())
+        if self.tta and not state.get("mirroring_axes"):
+            raise SamunetError(f"{self.teacher}: --pseudo_label_tta mirrors the teacher's inputs, but it was trained "
+                               "without mirroring (train it with augmented views, or leave the flag out)")
         head = build_model(t.head_name, t.encoder, t.num_classes, t.n_enc, t.context,
                            hybrid_architecture=state["hybrid_architecture"])
         head.load_state_dict(state["head_state"])
@@ -145,7 +170,10 @@ def student_data(t, train: list[str], canvas: int, warp) -> tuple["MixedData", d
                                 segs={i: pseudo.load(i) for i in ids}))
     record = {**sources[0][0].key, "pseudo_labelled_cases": sum(len(ids) for _, ids, _ in sources), **folder_record,
               "labelled_fraction": LABELLED_FRACTION,
-              "pseudo_labels": "argmax of the teacher's checkpoint_final.pth, no test-time augmentation"}
+              "pseudo_label_tta": bool(t.pseudo_label_tta),
+              "pseudo_labels": "argmax of the teacher's checkpoint_final.pth, "
+                               + ("with mirroring test-time augmentation" if t.pseudo_label_tta
+                                  else "no test-time augmentation")}
     return MixedData(t.train_data, parts, LABELLED_FRACTION), record
 
 

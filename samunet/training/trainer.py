@@ -28,6 +28,7 @@ from samunet.models.specs import HEADS, HYBRID_HEADS, IMAGE_MODELS, get_encoder_
 from samunet.training.loop import EpochLoop
 from samunet.training.losses import confusion_counts, dice_ce_loss
 from samunet.training.progress import TextLog, new_log
+from samunet.training.self_training import check_student_options
 from samunet.training.splits import get_split, labeled_subset
 from samunet.utils import SamunetError, load_json, save_json
 
@@ -45,7 +46,8 @@ class Trainer(EpochLoop, ScaleOut):
                  ram_budget_mb: float = 4000.0, batch_size: int | None = None, patience: int | None = None,
                  augmented_views: int | None = None, pretrained_weights: str | Path | None = None,
                  plans_name: str = "samunetPlans", compile_model: bool = False, cooldown: int | None = None,
-                 self_training: bool = False, unlabeled_folder: str | Path | None = None):
+                 self_training: bool = False, unlabeled_folder: str | Path | None = None,
+                 pseudo_label_tta: bool = False):
         self.dataset_name = resolve_dataset_name(dataset)
         self.pp_folder = preprocessed_folder() / self.dataset_name
         self.plans = load_plans(self.dataset_name, plans_name)
@@ -103,16 +105,8 @@ class Trainer(EpochLoop, ScaleOut):
         self.student = bool(self_training)
         self.self_training = None  # a student's record of its teacher and data (samunet.training.self_training)
         self.unlabeled_folder = Path(unlabeled_folder) if unlabeled_folder else None
-        if self.unlabeled_folder is not None and not self_training:
-            raise SamunetError("--unlabeled_folder gives the images a self-training student learns from; add "
-                               "--self_training")
-        if self_training and not (self.hybrid and (num_labeled_cases or self.unlabeled_folder)):
-            raise SamunetError("--self_training trains the hybrid head on the labelled cases and the teacher's labels "
-                               "of unlabelled ones: give --head hybrid with --num_labeled_cases N (the fold's other "
-                               "training cases) and/or --unlabeled_folder DIR (raw images)")
-        if self.unlabeled_folder is not None:  # a wrong folder is refused before any work
-            from samunet.training.unlabelled_images import unlabelled_cases
-            unlabelled_cases(self.unlabeled_folder, self.plans)
+        self.pseudo_label_tta = bool(pseudo_label_tta)
+        check_student_options(self, self_training, num_labeled_cases, self.pseudo_label_tta)
         self.trainer = trainer_name(self.head_name, num_labeled_cases, self.pretrained_weights is not None,
                                     self_training)
         self.model_dir = model_folder(self.dataset_name, self.trainer, self.plans["plans_name"], configuration)
@@ -389,13 +383,13 @@ def run_training(dataset, configuration: str, fold, head=None, epochs=None, iter
                  save_probabilities=False, use_cache=None, checkpoint="checkpoint_final.pth",
                  batch_size=None, patience=None, augmented_views=None, pretrained_weights=None,
                  plans_name="samunetPlans", compile_model=False, cooldown=None, cache_tta_views=False,
-                 self_training=False, unlabeled_folder=None) -> Trainer:
+                 self_training=False, unlabeled_folder=None, pseudo_label_tta=False) -> Trainer:
     """Train one fold (or, with ``validation_only``, only rerun its final validation)."""
     t = Trainer(dataset, configuration, fold, head=head, epochs=epochs, iterations_per_epoch=iterations_per_epoch,
                 num_labeled_cases=num_labeled_cases, device=device, use_cache=use_cache, batch_size=batch_size,
                 patience=patience, augmented_views=augmented_views, pretrained_weights=pretrained_weights,
                 plans_name=plans_name, compile_model=compile_model, cooldown=cooldown, self_training=self_training,
-                unlabeled_folder=unlabeled_folder)
+                unlabeled_folder=unlabeled_folder, pseudo_label_tta=pseudo_label_tta)
     if not validation_only:
         t.run(continue_training)
     t.final_validation(checkpoint, save_probabilities, cache_tta_views)
