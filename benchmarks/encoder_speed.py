@@ -118,16 +118,8 @@ def _worker(kind: str, threads: int, inputs_path: str, conn) -> None:
         message, payload = conn.recv()
         if message == "stop":
             break
-        if message == "gemm":  # practical fp32 ceiling: a large square sgemm with the same threads
-            a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-            a @ b
-            best = 0.0
-            for _ in range(3):
-                wall, cpu = time.perf_counter(), time.thread_time()
-                a @ b
-                seconds = time.perf_counter() - wall if payload == "wall" else time.thread_time() - cpu
-                best = max(best, 2 * 2048 ** 3 / seconds / 1e9)
-            conn.send(("done", best))
+        if message == "gemm":
+            conn.send(("done", sgemm_gflops(payload)))
             continue
         indices, keep = payload
         x = inputs[indices]
@@ -166,14 +158,30 @@ class Worker:
 
 
 # ----------------------------------------------------------------------------------------------- measurement
-def count_gflops_per_image() -> float:
+def sgemm_gflops(clock: str = "wall") -> float:
+    """The practical float32 ceiling with torch's current threads: the best of three 2048^3 matrix products, in
+    wall-clock time or ('thread_cpu') the CPU time of the calling thread."""
+    import torch
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    best = 0.0
+    for _ in range(3):
+        wall, cpu = time.perf_counter(), time.thread_time()
+        a @ b
+        seconds = time.perf_counter() - wall if clock == "wall" else time.thread_time() - cpu
+        best = max(best, 2 * 2048 ** 3 / seconds / 1e9)
+    return best
+
+
+def count_gflops_per_image(size: int = SIZE) -> float:
+    """GFLOP of one LiteMedSAM encoder pass on a ``size`` px image (torch's FlopCounterMode)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
     sys.path.insert(0, str(ROOT))
     from samunet.models.lite_medsam import TinyViTBackbone
-    net = TinyViTBackbone(SIZE).eval()
+    net = TinyViTBackbone(size).eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        net(torch.rand(1, 3, SIZE, SIZE))
+        net(torch.rand(1, 3, size, size))
     return counter.get_total_flops() / 1e9
 
 

@@ -15,7 +15,11 @@ case: seconds per case are given both including start-up (wall time / cases) and
 nnU-Net is timed the same way on the same cases when a trained nnU-Net model folder is given or found under
 ``benchmarks/work`` (the label-efficiency benchmark trains one); it runs from its own virtual environment.
 
-Writes benchmarks/results/predict_speed.json and .md.
+Before the runs it works out the encoder's floor: the images ``samunet_predict`` encodes per case (from the cases
+preprocessed with the model's plans), the FLOP of each (LiteMedSAM) and the seconds that takes at the machine's
+measured sgemm rate, the least time any float32 path of the encoder can take.
+
+Writes benchmarks/results/predict_speed.json and .md (``--out``: another folder).
 """
 from __future__ import annotations
 
@@ -87,6 +91,43 @@ def _dice(gt_folder: Path, pred: Path, labels: list[int], ending: str, cases: li
             "per_class": {k: round(v["Dice"], 4) for k, v in s["mean"].items()}}
 
 
+def _encoder_floor(model_dir: Path, raw: Path, cases: list[str], ending: str, n_channels: int) -> dict | None:
+    """The encoder's arithmetic per case: the images ``samunet_predict`` encodes (slices x tiles x channel images of
+    each preprocessed case, times four with mirroring), their FLOP, and the seconds that takes at this machine's
+    large-sgemm rate on every core. No float32 path of the same network can be faster; None for encoders other than
+    LiteMedSAM."""
+    import torch
+    from encoder_speed import count_gflops_per_image, sgemm_gflops
+    from samunet.models.cpu import usable_cores
+    from samunet.planning.plans import get_configuration
+    from samunet.preprocessing.encoder_inputs import make_layout, num_encoder_images
+    from samunet.preprocessing.preprocessor import preprocess_case
+    plans = json.loads((model_dir / "plans.json").read_text())
+    if plans["encoder"]["name"] != "lite_medsam":
+        return None
+    config = get_configuration(plans, model_dir.name.split("__")[-1])
+    images = []
+    for c in cases:
+        files = [raw / "imagesTr" / f"{c}_{ch:04d}{ending}" for ch in range(n_channels)]
+        data, _, _ = preprocess_case(files, None, config, plans["label_values"])
+        images.append(data.shape[1] * len(make_layout(data.shape[2:], config)["tiles"])
+                      * num_encoder_images(config, data.shape[0]))
+    gflop = count_gflops_per_image(int(config["encoder_input_size"]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:  # one core's rate in its own CPU time (little moved by other load), times the cores: an upper bound
+        one_core = sgemm_gflops("thread_cpu")
+    finally:
+        torch.set_num_threads(threads)
+    cores = usable_cores()
+    rate = cores * one_core
+    per_case = sum(images) / len(images)
+    return {"encoder_images_per_case": round(per_case, 1), "encoder_input_size": int(config["encoder_input_size"]),
+            "gflop_per_image": round(gflop, 2), "sgemm_gflops": round(rate, 1), "cores": cores,
+            "floor_s_per_case": {"no TTA": round(per_case * gflop / rate, 2),
+                                 "TTA": round(4 * per_case * gflop / rate, 2)}}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-m", required=True, help="trained samunet model folder (TRAINER__PLANS__CONFIG)")
@@ -97,6 +138,8 @@ def main(argv=None) -> None:
     p.add_argument("--nnunet_folds", nargs="+", default=None, help="nnU-Net folds to use (default: every trained fold)")
     p.add_argument("--skip_nnunet", action="store_true")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=str(RESULTS), help="folder of predict_speed.json and .md (default: "
+                   "benchmarks/results)")
     a = p.parse_args(argv)
 
     model_dir = Path(a.m).resolve()
@@ -117,6 +160,7 @@ def main(argv=None) -> None:
     if nn_model is not None and not nn_predict.is_file():
         nn_model, nn_reason = None, "nnUNetv2_predict not found in benchmarks/.venv-nnunet (setup_nnunet_env.sh)"
 
+    floor = _encoder_floor(model_dir, raw, cases, ending, n_channels)
     rows = []
     with tempfile.TemporaryDirectory(prefix="samunet_predict_speed_") as tmp:
         tmp = Path(tmp)
@@ -183,14 +227,15 @@ def main(argv=None) -> None:
               "commit": _git_commit(), "command": "python benchmarks/predict_speed.py " + " ".join(
                   _display_path(Path(x)) if os.sep in x else x for x in (argv if argv is not None else sys.argv[1:])),
               "device": a.device, "dataset": raw.name, "model": model_dir.name, "folds": folds, "cases": cases,
-              "samunet_mirroring_tta": mirrored,
+              "samunet_mirroring_tta": mirrored, "encoder_floor": floor,
               "nnunet": {"model": nn_model.name if nn_model else None, "folds": nn_folds, "note": nn_reason,
                          "version": _nnunet_version(nn_predict) if nn_model else None},
               "rows": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "predict_speed.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "predict_speed.md").write_text(_markdown(result))
-    print((RESULTS / "predict_speed.md").read_text())
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "predict_speed.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "predict_speed.md").write_text(_markdown(result))
+    print((out / "predict_speed.md").read_text())
 
 
 def _markdown(r: dict) -> str:
@@ -223,6 +268,15 @@ def _markdown(r: dict) -> str:
                      "its speed, not its Dice, here.")
     else:
         lines.append(f"nnU-Net: not measured: {nn['note']}.")
+    f = r.get("encoder_floor")
+    if f:
+        lines.append(f"Encoder floor: {f['encoder_images_per_case']} encoder images per case at "
+                     f"{f['encoder_input_size']} px ({f['gflop_per_image']} GFLOP each), four times that with "
+                     f"mirroring; at this machine's 2048^3 sgemm rate ({f['sgemm_gflops']} GFLOP/s: one core's "
+                     f"rate in its own CPU time times {f['cores']} cores) no float32 path of the encoder takes less "
+                     f"than {f['floor_s_per_case']['no TTA']:.2f} s per case without TTA and "
+                     f"{f['floor_s_per_case']['TTA']:.2f} s with it, whatever the folds (one encoding serves "
+                     "them all).")
     loads = [x["other_load_before"] for x in r["rows"] if x["other_load_before"] is not None]
     if loads:
         lines.append(f"Other load on the machine before each setting: {min(loads):.0%}-{max(loads):.0%} of all cores.")
