@@ -19,6 +19,7 @@ from tqdm import tqdm
 from samunet.dataset.dataset_json import list_cases, stray_files
 from samunet.dataset.io import write_seg
 from samunet.inference.predictor import predict_preprocessed, probabilities_to_segmentation
+from samunet.planning.plans import case_limits
 from samunet.preprocessing.preprocessor import preprocess_case
 from samunet.models.run_checkpoint import check_compatible, load_checkpoint
 from samunet.utils import SamunetError, atomic_write_bytes, check_writable_folder, load_json, save_json
@@ -103,10 +104,7 @@ class EnsemblePredictor:
             if not 0 < float(tile_step_size) <= 1:
                 raise SamunetError(f"step size {tile_step_size}: must lie in (0, 1] (a fraction of the tile size)")
             self.config = {**self.config, "tile_step": float(tile_step_size)}
-        fingerprint = self.model_dir / "dataset_fingerprint.json"
-        dims = load_json(fingerprint).get("dims", []) if fingerprint.is_file() else []
-        self.dims = dims[0] if len(dims) == 1 else None  # the data set's dimensionality, when known
-        self.memory_gb = self.plans.get("budgets", {}).get("memory_gb")
+        self.dims, self.memory_gb = case_limits(self.model_dir, self.plans)  # dims: the data set's, when known
         self.label_values = self.plans["label_values"]
         self.device = resolve_device(device)
         self.checkpoint = checkpoint

@@ -25,3 +25,12 @@ def get_configuration(plans: dict, name: str) -> dict:
     except KeyError:
         raise SamunetError(f"configuration '{name}' is not in the plans of {plans['dataset_name']} "
                            f"(available: {', '.join(plans['configurations'])})") from None
+
+
+def case_limits(folder: Path, plans: dict) -> tuple[int | None, float | None]:
+    """What every new case is checked against before resampling (``preprocess_case``'s ``dims`` and ``memory_gb``):
+    the data set's dimensionality, where ``folder``'s ``dataset_fingerprint.json`` knows a single one, and the
+    plans' memory budget."""
+    fingerprint = Path(folder) / "dataset_fingerprint.json"
+    dims = load_json(fingerprint).get("dims", []) if fingerprint.is_file() else []
+    return (dims[0] if len(dims) == 1 else None), plans.get("budgets", {}).get("memory_gb")

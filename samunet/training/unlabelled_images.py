@@ -16,8 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from samunet.dataset.dataset_json import list_cases
+from samunet.planning.plans import case_limits
 from samunet.preprocessing.embedding_cache import EmbeddingCache
-from samunet.utils import SamunetError, load_json, stable_hash
+from samunet.utils import SamunetError, stable_hash
 
 
 def source_name(folder: Path) -> str:
@@ -51,12 +52,10 @@ def unlabelled_cache(t, folder) -> tuple[EmbeddingCache, list[str]]:
     from samunet.preprocessing.preprocessor import preprocess_cases
     cases = unlabelled_cases(folder, t.plans)
     root = t.pp_folder / "unlabeled" / source_name(folder)
-    fingerprint = t.pp_folder / "dataset_fingerprint.json"
-    dims = load_json(fingerprint).get("dims", []) if fingerprint.is_file() else []
+    dims, memory_gb = case_limits(t.pp_folder, t.plans)
     if t.dist.is_main:
         preprocess_cases(cases, t.config, t.label_values, root / t.config["data_identifier"], num_processes=1,
-                         desc=f"preprocess {Path(folder).name}", dims=dims[0] if len(dims) == 1 else None,
-                         memory_gb=t.plans.get("budgets", {}).get("memory_gb"))
+                         desc=f"preprocess {Path(folder).name}", dims=dims, memory_gb=memory_gb)
     t.dist.barrier()
     cache = EmbeddingCache(root, t.configuration, t.config, t._identity(), t.label_values)
     return cache, [c.identifier for c in cases]
