@@ -18,7 +18,7 @@ def _dice(a, b, value) -> float:
     return 2 * float((a & b).sum()) / max(1, int(a.sum() + b.sum()))
 
 
-def test_pseudo_labels_and_mixed_batches_follow_the_teacher(trained, tmp_path):
+def test_pseudo_labels_and_mixed_batches_follow_the_teacher(trained, tmp_path, monkeypatch):
     from samunet.training.data import CachedData
     from samunet.training.self_training import MixedData, PseudoLabels
     t, _ = trained
@@ -56,19 +56,21 @@ def test_pseudo_labels_and_mixed_batches_follow_the_teacher(trained, tmp_path):
         int((np.asarray(segs[i]) > 0).reshape(segs[i].shape[0], -1).any(1).sum()) for i in others)
 
     # --pseudo_label_tta: the teacher's labels with mirroring, as its final validation predicts for a teacher trained
-    # with mirroring (this one was not: refused; the same weights marked as mirrored: its mirrored prediction)
+    # with mirroring (this one was not: refused before any label is made; the same weights marked as mirrored, in a
+    # results folder of their own: its mirrored prediction)
     from samunet.inference.predictor import predict_preprocessed
     from samunet.models.run_checkpoint import load_checkpoint, save_checkpoint
+    from samunet.paths import results_folder
     t.pseudo_label_tta = True
     try:
-        refused = PseudoLabels(t)
-        refused.folder = tmp_path / "refused"
         with pytest.raises(SamunetError, match="trained without mirroring"):
-            refused.build(others[:1])
+            PseudoLabels(t)
+        teacher = tmp_path / "results" / pseudo.teacher.relative_to(results_folder())
+        teacher.parent.mkdir(parents=True)
+        save_checkpoint({**load_checkpoint(pseudo.teacher), "mirroring_axes": [0, 1]}, teacher)
+        monkeypatch.setenv("samunet_results", str(tmp_path / "results"))
         mirrored = PseudoLabels(t)
-        state = load_checkpoint(mirrored.teacher)
-        mirrored.teacher = tmp_path / "teacher_mirrored.pth"
-        save_checkpoint({**state, "mirroring_axes": [0, 1]}, mirrored.teacher)
+        assert mirrored.teacher == teacher and mirrored.key["pseudo_label_tta"]
         mirrored.folder = tmp_path / "pseudo_labels_tta"
         assert mirrored.build(others[:1]) == 1
         data = np.load(data_dir / f"{others[0]}.npy", mmap_mode="r")

@@ -41,7 +41,7 @@ TEACHER_CHECKPOINT = "checkpoint_final.pth"
 
 def teacher_checkpoint(t) -> Path:
     """The teacher of student trainer ``t``: the same head, configuration, fold and labelled cases, trained
-    without self-training."""
+    without self-training (and, for ``--pseudo_label_tta``, with mirroring)."""
     from samunet.paths import model_folder, trainer_name
     path = model_folder(t.dataset_name, trainer_name(t.head_name, t.num_labeled_cases), t.plans["plans_name"],
                         t.configuration) / f"fold_{t.fold}" / TEACHER_CHECKPOINT
@@ -49,18 +49,21 @@ def teacher_checkpoint(t) -> Path:
         n = f" --num_labeled_cases {t.num_labeled_cases}" if t.num_labeled_cases else ""
         raise SamunetError(f"{path}: --self_training needs the teacher trained first (samunet_train "
                            f"{t.dataset_name} {t.configuration} {t.fold} --head {t.head_name}{n})")
+    if t.pseudo_label_tta and not load_checkpoint(path).get("mirroring_axes"):
+        raise SamunetError(f"{path}: --pseudo_label_tta mirrors the teacher's inputs, but it was trained without "
+                           "mirroring (train it with augmented views, or leave the flag out)")
     return path
 
 
-def check_student_options(t, self_training: bool, num_labeled_cases, pseudo_label_tta: bool) -> None:
-    """Refuse self-training options that make no student (before any work): ``t`` has its head, ``hybrid`` flag and
-    ``unlabeled_folder`` set."""
-    if t.unlabeled_folder is not None and not self_training:
+def check_student_options(t) -> None:
+    """Refuse self-training options of trainer ``t`` that make no student (before any work): its ``student``,
+    ``hybrid``, ``num_labeled_cases``, ``unlabeled_folder`` and ``pseudo_label_tta`` are set."""
+    if t.unlabeled_folder is not None and not t.student:
         raise SamunetError("--unlabeled_folder gives the images a self-training student learns from; add "
                            "--self_training")
-    if pseudo_label_tta and not self_training:
+    if t.pseudo_label_tta and not t.student:
         raise SamunetError("--pseudo_label_tta says how a self-training student's labels are made; add --self_training")
-    if self_training and not (t.hybrid and (num_labeled_cases or t.unlabeled_folder)):
+    if t.student and not (t.hybrid and (t.num_labeled_cases or t.unlabeled_folder)):
         raise SamunetError("--self_training trains the hybrid head on the labelled cases and the teacher's labels "
                            "of unlabelled ones: give --head hybrid with --num_labeled_cases N (the fold's other "
                            "training cases) and/or --unlabeled_folder DIR (raw images)")
@@ -91,7 +94,7 @@ class PseudoLabels:
         self.teacher = teacher_checkpoint(t)
         self.tta = bool(t.pseudo_label_tta)
         self.key = {"teacher": str(self.teacher), "teacher_sha256": sha256_file(self.teacher),
-                    **({"mirroring_tta": True} if self.tta else {})}
+                    **({"pseudo_label_tta": True} if self.tta else {})}
 
     def file(self, ident: str):
         return self.folder / f"{ident}.npy"
@@ -123,9 +126,6 @@ class PseudoLabels:
         t = self.t
         state = load_checkpoint(self.teacher)
         check_compatible(state, self.teacher, t._expected())
-        if self.tta and not state.get("mirroring_axes"):
-            raise SamunetError(f"{self.teacher}: --pseudo_label_tta mirrors the teacher's inputs, but it was trained "
-                               "without mirroring (train it with augmented views, or leave the flag out)")
         head = build_model(t.head_name, t.encoder, t.num_classes, t.n_enc, t.context,
                            hybrid_architecture=state["hybrid_architecture"])
         head.load_state_dict(state["head_state"])
@@ -148,7 +148,7 @@ def student_data(t, train: list[str], canvas: int, warp) -> tuple["MixedData", d
     folder_record = {}
     if t.unlabeled_folder is not None:
         from samunet.training.unlabelled_images import source_name, unlabelled_cache
-        teacher_checkpoint(t)  # refuses before the folder is preprocessed when the teacher is missing
+        teacher_checkpoint(t)  # refuses before the folder is preprocessed when the teacher is missing or unfit
         cache, ids = unlabelled_cache(t, t.unlabeled_folder)
         folder = Path(t.unlabeled_folder).resolve()
         sources.append((PseudoLabels(t, cache, source_name(folder)), ids, f"of {folder}"))
@@ -170,7 +170,6 @@ def student_data(t, train: list[str], canvas: int, warp) -> tuple["MixedData", d
                                 segs={i: pseudo.load(i) for i in ids}))
     record = {**sources[0][0].key, "pseudo_labelled_cases": sum(len(ids) for _, ids, _ in sources), **folder_record,
               "labelled_fraction": LABELLED_FRACTION,
-              "pseudo_label_tta": bool(t.pseudo_label_tta),
               "pseudo_labels": "argmax of the teacher's checkpoint_final.pth, "
                                + ("with mirroring test-time augmentation" if t.pseudo_label_tta
                                   else "no test-time augmentation")}

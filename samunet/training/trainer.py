@@ -106,7 +106,7 @@ class Trainer(EpochLoop, ScaleOut):
         self.self_training = None  # a student's record of its teacher and data (samunet.training.self_training)
         self.unlabeled_folder = Path(unlabeled_folder) if unlabeled_folder else None
         self.pseudo_label_tta = bool(pseudo_label_tta)
-        check_student_options(self, self_training, num_labeled_cases, self.pseudo_label_tta)
+        check_student_options(self)
         self.trainer = trainer_name(self.head_name, num_labeled_cases, self.pretrained_weights is not None,
                                     self_training)
         self.model_dir = model_folder(self.dataset_name, self.trainer, self.plans["plans_name"], configuration)
