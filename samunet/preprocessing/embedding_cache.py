@@ -68,6 +68,33 @@ def encode_batches(encoder, images: torch.Tensor, batch_size: int) -> torch.Tens
     return torch.cat(out)
 
 
+def write_case_embeddings(data: np.ndarray, config: dict, encoder, batch: int, path: Path, view: tuple = ()) -> dict:
+    """Encode every slice of a preprocessed case ``data`` ``(C, S, Y, X)``, flipped along the in-plane axes ``view``
+    first (``()``: as is; ``(-1,)``: X ...), and write the embeddings ``(S * T, n_enc * E, g, g)`` float16 to
+    ``path``, rows slice-major and tile-minor, ``batch`` encoder images at a time. They go straight into a
+    memory-mapped file under a unique temporary name, renamed when complete: a large case never has to fit in RAM,
+    and two runs encoding the same case never write into one file. Returns the in-plane layout."""
+    layout = make_layout(data.shape[2:], config)
+    n_enc = num_encoder_images(config, data.shape[0])
+    n_tiles = len(layout["tiles"])
+    p = config["encoder_input_size"]
+    e, g, _ = encoder.spec.embedding_shape(p)
+    step = max(1, batch // (n_tiles * n_enc))  # slices per encoder batch
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(data.shape[1] * n_tiles, n_enc * e, g, g))
+    for start in range(0, data.shape[1], step):
+        stop = min(data.shape[1], start + step)
+        x = torch.cat([encoder_inputs(np.ascontiguousarray(np.flip(slice_images(data, s, config), view)), layout)
+                       for s in range(start, stop)])  # (n * T, n_enc, 3, P, P)
+        emb = encode_batches(encoder, x.reshape(-1, 3, p, p), batch)
+        out[start * n_tiles:stop * n_tiles] = emb.reshape(len(x), n_enc * e, g, g).half().numpy()
+    out.flush()
+    out = None  # releases the memory map before the rename
+    tmp.replace(path)
+    return layout
+
+
 class EmbeddingCache:
     def __init__(self, dataset_folder: Path, config_name: str, config: dict, identity: dict, label_values):
         self.config = config
@@ -113,42 +140,10 @@ class EmbeddingCache:
             raise SamunetError(f"{data_file}: preprocessed case not found; run samunet_preprocess first")
         data = np.load(data_file, mmap_mode="r")
         seg = np.load(seg_file, mmap_mode="r") if seg_file.is_file() else None
-        layout = make_layout(data.shape[2:], self.config)
-        n_enc = num_encoder_images(self.config, data.shape[0])
-        n_tiles = len(layout["tiles"])
-        rows = [[s, t] for s in range(data.shape[1]) for t in range(n_tiles)]
-        spec, p = encoder.spec, self.config["encoder_input_size"]
-        e, g, _ = spec.embedding_shape(p)
-        # embeddings go straight into a float16 file on disk: a large case never has to fit in RAM
-        final = self.folder / f"{ident}_emb.npy"
-        tmp = temp_path(final)  # unique: two runs encoding the same case never write into one file
-        emb = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(rows), n_enc * e, g, g))
-        targets = []
-        pending, pending_rows = [], []
-
-        def flush():
-            x = torch.cat(pending)  # (n, n_enc, 3, P, P)
-            out = encode_batches(encoder, x.reshape(-1, 3, p, p), batch)
-            emb[pending_rows[0]:pending_rows[0] + len(x)] = out.reshape(len(x), n_enc * e, g, g).half().numpy()
-            pending.clear()
-            pending_rows.clear()
-
-        row = 0
-        for s in range(data.shape[1]):
-            x = encoder_inputs(slice_images(data, s, self.config), layout)  # (T, n_enc, 3, P, P)
-            if not pending_rows:
-                pending_rows.append(row)
-            pending.append(x)
-            row += x.shape[0]
-            if sum(len(t) for t in pending) * n_enc >= batch:
-                flush()
-            if seg is not None:
-                targets.append(target_inputs(np.asarray(seg[s]), layout, self.label_values))
-        if pending:
-            flush()
-        emb.flush()
-        emb = None  # releases the memory map (flush() sees the same variable) before the rename
-        tmp.replace(final)
+        layout = write_case_embeddings(data, self.config, encoder, batch, self.folder / f"{ident}_emb.npy")
+        rows = [[s, t] for s in range(data.shape[1]) for t in range(len(layout["tiles"]))]
+        targets = [target_inputs(np.asarray(seg[s]), layout, self.label_values)
+                   for s in range(data.shape[1])] if seg is not None else []
         tgt = torch.cat(targets).short().numpy() if targets else np.zeros((0,), np.int16)
         atomic_save_npy(self.folder / f"{ident}_target.npy", tgt)
         save_json({"rows": rows, "layout": layout, "num_slices": int(data.shape[1])}, self.folder / f"{ident}.json")

@@ -20,11 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
-
-from samunet.preprocessing.embedding_cache import encode_batches, encoder_batch_size
-from samunet.preprocessing.encoder_inputs import encoder_inputs, make_layout, num_encoder_images, slice_images
-from samunet.utils import temp_path
+from samunet.preprocessing.embedding_cache import encoder_batch_size, write_case_embeddings
 
 MIRRORED = [(-1,), (-2,), (-2, -1)]  # the flipped views of the predictor's TTA_VIEWS, the un-flipped one aside
 
@@ -62,25 +58,6 @@ class MirroredViews:
         return out
 
     def encode(self, data: np.ndarray, view: tuple, encoder, path: Path) -> None:
-        """Write the embeddings ``(N, n_enc * E, g, g)`` float16 of the ``view``-flipped slices of a case
-        ``(C, S, Y, X)``, rows slice-major and tile-minor, to ``path`` (a batch of slices at a time, atomically)."""
-        layout = make_layout(data.shape[2:], self.config)
-        p = self.config["encoder_input_size"]
-        batch = encoder_batch_size(encoder.spec, p, self.ram_budget_mb)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        n_tiles = len(layout["tiles"])
-        step = max(1, batch // (n_tiles * num_encoder_images(self.config, data.shape[0])))  # slices per batch
-        tmp, out, row = temp_path(path), None, 0
-        for start in range(0, data.shape[1], step):
-            x = torch.cat([encoder_inputs(np.ascontiguousarray(np.flip(slice_images(data, s, self.config), view)),
-                                          layout) for s in range(start, min(data.shape[1], start + step))])
-            e = encode_batches(encoder, x.reshape(-1, 3, p, p), batch)  # x: (n * T, n_enc, 3, P, P)
-            e = e.reshape(len(x), -1, *e.shape[-2:]).half().numpy()
-            if out is None:
-                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
-                                                shape=(data.shape[1] * n_tiles, *e.shape[1:]))
-            out[row:row + len(e)] = e
-            row += len(e)
-        out.flush()
-        out = None  # releases the memory map before the rename
-        tmp.replace(path)
+        """Write the embeddings of the ``view``-flipped slices of a case ``(C, S, Y, X)`` to ``path``."""
+        batch = encoder_batch_size(encoder.spec, self.config["encoder_input_size"], self.ram_budget_mb)
+        write_case_embeddings(data, self.config, encoder, batch, path, view)
