@@ -195,7 +195,7 @@ def train_entry(argv=None):
     p.add_argument("--augmented_views", type=int, default=None,
                    help="augmented views of each labelled slice to encode once and train on (rotation, scaling, "
                         "mirroring, intensity; exact embeddings); default: as many as 4000 encoder calls allow "
-                        "(at most 16) for the hybrid head, 0 for the others")
+                        "(at most 64) for the hybrid head, 0 for the others")
     p.add_argument("--pretrained_weights", default=None, metavar="PATH",
                    help="with --head unet: start from a samunet_pretrain checkpoint (self-supervised, same data set, "
                         "configuration and topology) instead of random weights, as nnUNetv2_train's flag does; the "

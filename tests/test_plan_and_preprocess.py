@@ -41,11 +41,11 @@ def test_hippocampus_cli_plans_preprocesses_and_resumes(samunet_dirs):
     assert cfg["encoder_input_size"] == 128 and cfg["inplane_mode"] == "resize"
     assert cfg["normalization"][0]["scheme"] == "percentile_clip"
     assert cfg["head"] == "hybrid" and cfg["cache_embeddings"] is True and "0.803" in cfg["head_reason"]
-    # augmented views: the plateau study's budget (16 views for 5 cases, 5 for 20) and none for a short run
-    from samunet.training.augmented_views import views_budget, views_for
+    # augmented views: the plateau study's budget (64 views for 1 case, 22 for 5, 5 for 20) and none for a short run
+    from samunet.training.augmented_views import default_views
     rule = cfg["augmented_views"]
-    study, short = views_budget(rule, 100 * 50 * 16)[0], views_budget(rule, 8 * 25 * 8)[0]
-    assert views_for(180, study) == 16 and views_for(720, study) == 5 and views_for(128, short) == 0
+    assert [default_views(rule, n, 100 * 50 * 16)[0] for n in (34, 180, 720, 7000)] == [64, 22, 5, 0]
+    assert default_views(rule, 128, 8 * 25 * 8)[0] == 0
     assert plans["configurations"]["2.5d"]["channel_rule"]["type"] == "neighbour_slices"
     assert plans["configurations"]["2.5d"]["data_identifier"] == cfg["data_identifier"]
     emb = plans["configurations"]["2.5d_emb"]

@@ -398,7 +398,7 @@ def test_augmented_views_hold_the_exact_embeddings_of_aligned_warped_slices(trai
     from samunet.preprocessing.encoder_inputs import make_layout
     from samunet.training.augmented_views import AugmentedViews, views_for
     t, _ = trained
-    assert views_for(34) == 16 and views_for(700) == 5 and views_for(7000) == 0
+    assert views_for(34) == 64 and views_for(180) == 22 and views_for(700) == 5 and views_for(7000) == 0
     ident = t.train_ids[0]
     src = t.cache.data_folder
     # a real case whose labelled voxels are marked in the image, so alignment can be read off the stored views

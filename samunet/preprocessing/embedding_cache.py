@@ -19,8 +19,10 @@ to 15 degrees and scales 0.85-1.25, against 0.69-0.74 for a mirror). Training fr
 foreground oversampling, random sampling of slices/tiles and feature-space regularisation (Gaussian noise on the
 embedding and channel dropout), and the hybrid head adds one affine warp within those ranges for its image, its
 label and the embedding grid (``samunet.training.cached_augmentation``), with intensity augmentation on its image
-path. Mirroring needs the embeddings of mirrored views, which are not cached; full augmentation of the encoder's
-input needs on-the-fly encoding, which training uses when the plan does not cache.
+path. Mirroring needs the embeddings of mirrored views: the augmented views of the labelled slices
+(``samunet.training.augmented_views``) are encoded as such, and the mirrored views that test-time augmentation
+predicts are kept beside the cache on request (``samunet.preprocessing.mirrored_views``); full augmentation of the
+encoder's input needs on-the-fly encoding, which training uses when the plan does not cache.
 """
 from __future__ import annotations
 

@@ -18,9 +18,10 @@ slices with their true embeddings, a model trained on them can be predicted with
 
 How many views: ``views_for`` spends at most a budget of encoder calls, ``views_budget`` turns the plans' rule
 (``augmented_views``: encoder seconds per input, head seconds per sample, a budget in seconds) into calls for one
-run: no more encoder time than the budget (4000 LiteMedSAM calls at 128 px: 16 views for 1-5 Hippocampus cases,
-about 5 for 20, none for a whole training set or for a data set of many large tiles), and no more than the head
-time of the run's cap, so a short run (the demo) spends nothing on views.
+run: no more encoder time than the budget (4000 LiteMedSAM calls at 128 px: 64 views for one Hippocampus case, 22
+for 5, 5 for 20, none for a whole training set or for a data set of many large tiles), at most the rule's
+``max_views`` per input, and no more than the head time of the run's cap, so a short run (the demo) spends nothing
+on views; ``default_views`` combines the two.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from samunet.planning.planner import MAX_VIEWS as MAX_VIEWS_RULE
 from samunet.preprocessing.embedding_cache import encode_batches, encoder_batch_size
 from samunet.preprocessing.encoder_inputs import encoder_inputs, make_layout, slice_images, target_inputs
 from samunet.training.cached_augmentation import (WarpParams, intensity_augmentation, random_affine,
@@ -39,11 +41,11 @@ from samunet.utils import atomic_save_npy, load_json, save_json, stable_hash
 logger = logging.getLogger("samunet")
 
 VIEW_BUDGET = 4000          # encoder calls spent on augmented views of one training run at most (plans without a rule)
-MAX_VIEWS = 16
+MAX_VIEWS = 16              # views per labelled input at most, for plans whose rule does not say (made before 64)
 VIEW_WARP = WarpParams(rotation_deg=180.0, p_rotation=0.5, scale=(0.7, 1.4), p_scale=0.5, mirror_axes=(0, 1))
 
 
-def views_for(num_inputs: int, budget: int = VIEW_BUDGET, max_views: int = MAX_VIEWS) -> int:
+def views_for(num_inputs: int, budget: int = VIEW_BUDGET, max_views: int = MAX_VIEWS_RULE) -> int:
     """Views per labelled encoder input within the budget; 0 when fewer than 2 would fit."""
     v = min(max_views, budget // max(1, num_inputs))
     return int(v) if v >= 2 else 0
@@ -58,6 +60,13 @@ def views_budget(rule: dict | None, samples: int) -> tuple[int, str]:
     calls = int(seconds // rule["encoder_s_per_input"])
     return calls, (f"{calls} encoder calls: {seconds:.0f} s (the lesser of the {rule['budget_s']:.0f} s budget and the "
                    f"head time of {samples} samples) at {rule['encoder_s_per_input']:.2f} s per input")
+
+
+def default_views(rule: dict | None, num_inputs: int, samples: int) -> tuple[int, str]:
+    """Views per labelled input for a run of ``samples`` training samples on ``num_inputs`` labelled encoder inputs
+    under the plans' rule, and why."""
+    calls, why = views_budget(rule, samples)
+    return views_for(num_inputs, calls, (rule or {}).get("max_views", MAX_VIEWS)), why
 
 
 class AugmentedViews:

@@ -19,7 +19,7 @@ from samunet.models.for_plans import build_encoder_for_plans, build_model
 from samunet.paths import model_folder, preprocessed_folder, resolve_dataset_name, trainer_name
 from samunet.planning.plans import get_configuration, load_plans
 from samunet.preprocessing.embedding_cache import EmbeddingCache
-from samunet.training.augmented_views import AugmentedViews, views_budget, views_for
+from samunet.training.augmented_views import AugmentedViews, default_views
 from samunet.training.cached_augmentation import WarpParams
 from samunet.training.data import BackgroundBatches, CachedData, OnTheFlyData
 from samunet.training.distributed import init_distributed, shard
@@ -177,9 +177,8 @@ class Trainer(EpochLoop, ScaleOut):
             n_views = self.augmented_views if training else 0
             if n_views is None and self.hybrid:
                 inputs = sum(len(self.cache.load(i)[0]) for i in self.train_ids)
-                calls, why = views_budget(self.config.get("augmented_views"),
-                                          self.num_epochs * self.iterations * self.batch_size)
-                n_views = views_for(inputs, calls)
+                n_views, why = default_views(self.config.get("augmented_views"), inputs,
+                                             self.num_epochs * self.iterations * self.batch_size)
                 self.text(f"augmented views: {n_views} per labelled input ({inputs} inputs; {why})")
             if n_views:
                 self.views = AugmentedViews(self.cache, canvas, n_views, self.seed)
