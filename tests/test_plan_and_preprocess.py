@@ -46,6 +46,8 @@ def test_hippocampus_cli_plans_preprocesses_and_resumes(samunet_dirs):
     rule = cfg["augmented_views"]
     assert [default_views(rule, n, 100 * 50 * 16)[0] for n in (34, 180, 720, 7000)] == [64, 22, 5, 0]
     assert default_views(rule, 128, 8 * 25 * 8)[0] == 0
+    older = {k: v for k, v in rule.items() if k != "max_views"}  # plans made before the rule allowed 64 keep 16
+    assert default_views(older, 34, 100 * 50 * 16)[0] == 16
     assert plans["configurations"]["2.5d"]["channel_rule"]["type"] == "neighbour_slices"
     assert plans["configurations"]["2.5d"]["data_identifier"] == cfg["data_identifier"]
     emb = plans["configurations"]["2.5d_emb"]
