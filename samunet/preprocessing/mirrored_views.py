@@ -20,6 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+
 from samunet.preprocessing.embedding_cache import encoder_batch_size, write_case_embeddings
 
 MIRRORED = [(-1,), (-2,), (-2, -1)]  # the flipped views of the predictor's TTA_VIEWS, the un-flipped one aside
