@@ -31,21 +31,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from samunet.planning.planner import MAX_VIEWS as MAX_VIEWS_RULE
+from samunet.planning.planner import MAX_VIEWS
 from samunet.preprocessing.embedding_cache import encode_batches, encoder_batch_size
 from samunet.preprocessing.encoder_inputs import encoder_inputs, make_layout, slice_images, target_inputs
 from samunet.training.cached_augmentation import (WarpParams, intensity_augmentation, random_affine,
                                                   region_centres, warp_grid, warp_labels)
-from samunet.utils import atomic_save_npy, load_json, save_json, stable_hash
+from samunet.utils import SamunetError, atomic_save_npy, load_json, save_json, stable_hash
 
 logger = logging.getLogger("samunet")
 
 VIEW_BUDGET = 4000          # encoder calls spent on augmented views of one training run at most (plans without a rule)
-MAX_VIEWS = 16              # views per labelled input at most, for plans whose rule does not say (made before 64)
+LEGACY_MAX_VIEWS = 16       # views per labelled input at most for plans whose rule predates its max_views
 VIEW_WARP = WarpParams(rotation_deg=180.0, p_rotation=0.5, scale=(0.7, 1.4), p_scale=0.5, mirror_axes=(0, 1))
 
 
-def views_for(num_inputs: int, budget: int = VIEW_BUDGET, max_views: int = MAX_VIEWS_RULE) -> int:
+def views_for(num_inputs: int, budget: int = VIEW_BUDGET, max_views: int = MAX_VIEWS) -> int:
     """Views per labelled encoder input within the budget; 0 when fewer than 2 would fit."""
     v = min(max_views, budget // max(1, num_inputs))
     return int(v) if v >= 2 else 0
@@ -62,11 +62,18 @@ def views_budget(rule: dict | None, samples: int) -> tuple[int, str]:
                    f"head time of {samples} samples) at {rule['encoder_s_per_input']:.2f} s per input")
 
 
-def default_views(rule: dict | None, num_inputs: int, samples: int) -> tuple[int, str]:
+def default_views(rule: dict | None, num_inputs: int, samples: int, source="the plans") -> tuple[int, str]:
     """Views per labelled input for a run of ``samples`` training samples on ``num_inputs`` labelled encoder inputs
-    under the plans' rule, and why."""
+    under the plans' rule, and why. A rule with a value out of range (a hand-edited plans file, ``source``) is
+    refused with a message."""
+    for key in ("encoder_s_per_input", "head_s_per_sample", "budget_s", "max_views") if rule else ():
+        value = rule.get(key, LEGACY_MAX_VIEWS if key == "max_views" else None)
+        positive = key == "encoder_s_per_input"  # it divides the budget; 0 elsewhere means no views
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (positive and value == 0):
+            raise SamunetError(f"{source}: augmented_views.{key} is {value!r}, not a number "
+                               f"{'> 0' if positive else '>= 0'}; correct it or run samunet_plan_and_preprocess again")
     calls, why = views_budget(rule, samples)
-    return views_for(num_inputs, calls, (rule or {}).get("max_views", MAX_VIEWS)), why
+    return views_for(num_inputs, calls, (rule or {}).get("max_views", LEGACY_MAX_VIEWS)), why
 
 
 class AugmentedViews:
