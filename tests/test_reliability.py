@@ -325,3 +325,41 @@ def test_also_messages_print_plain_numbers(tmp_path):
     with pytest.raises(SamunetError) as e:
         evaluate_case(ref, pred, [1, 2])
     assert "spacing (2.0, 1.0, 1.0) does not match" in str(e.value) and "np.float64" not in str(e.value)
+
+
+def test_also_a_hand_edited_plans_value_is_named_by_training_and_prediction(model, tmp_path):
+    import json
+    plans = Path(os.environ["samunet_preprocessed"]) / NAME / "samunetPlans.json"
+    fold = model / "samunetTrainer_linear_n3__samunetPlans__2d" / "fold_0"
+    before = sorted(p.name for p in fold.rglob("*"))
+    saved = plans.read_bytes()
+    try:
+        for key, bad, expect in (
+                ("batch_size", "abc", "configurations.2d.batch_size is 'abc', not an integer >= 1"),
+                ("encoder_input_size", 100, "configurations.2d.encoder_input_size is 100, not valid for encoder "
+                                            "lite_medsam (a multiple of 64, at least 64)"),
+                ("normalization", [{"channel": 0, "scheme": "zscore"}],
+                 "configurations.2d.normalization[0] is {'channel': 0, 'scheme': 'zscore'}, not an object whose "
+                 "scheme is one of ct_window, percentile_clip, natural_8bit")):
+            edited = json.loads(saved)
+            edited["configurations"]["2d"][key] = bad
+            plans.write_text(json.dumps(edited))
+            assert_refused(_train("--head", "linear", "--c"), f"{plans}: {expect}")
+    finally:
+        plans.write_bytes(saved)
+    assert sorted(p.name for p in fold.rglob("*")) == before
+    copy = fold.parent / "plans.json"  # the model folder's own copy, which prediction reads
+    saved = copy.read_bytes()
+    try:
+        edited = json.loads(saved)
+        forward = edited["configurations"]["2d"]["transpose_forward"]
+        edited["configurations"]["2d"]["transpose_backward"] = forward[::-1]
+        copy.write_text(json.dumps(edited))
+        inp = tmp_path / "in"
+        inp.mkdir()
+        shutil.copy(HIPPO / "imagesTr" / f"{hippo_cases(1)[0]}_0000.nii.gz", inp)
+        assert_refused(_predict(inp, tmp_path / "out"),
+                       f"{copy}: configurations.2d.transpose_backward {forward[::-1]} does not undo transpose_forward")
+        assert not (tmp_path / "out").exists()
+    finally:
+        copy.write_bytes(saved)

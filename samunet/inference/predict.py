@@ -20,6 +20,7 @@ from samunet.dataset.dataset_json import list_cases, stray_files
 from samunet.dataset.io import write_seg
 from samunet.inference.predictor import predict_preprocessed, probabilities_to_segmentation
 from samunet.planning.plans import case_limits
+from samunet.planning.plans_checks import check_plans
 from samunet.preprocessing.preprocessor import preprocess_case
 from samunet.models.run_checkpoint import check_compatible, load_checkpoint
 from samunet.utils import SamunetError, atomic_write_bytes, check_writable_folder, load_json, save_json
@@ -72,7 +73,7 @@ def default_trainer(dataset_name: str, configuration: str, plans_name: str = "sa
     plans_file = next((f / "plans.json" for f in found if (f / "plans.json").is_file()), None)
     if plans_file is None:
         raise SamunetError(f"no trained model for {dataset_name} configuration {configuration} in {results_dir}")
-    head = load_json(plans_file)["configurations"][configuration]["head"]
+    head = check_plans(load_json(plans_file), plans_file)["configurations"][configuration]["head"]
     trained = [h for h in HEADS
                if model_folder(dataset_name, trainer_name(h, num_labeled_cases), plans_name, configuration).is_dir()]
     if head not in trained and len(trained) == 1:
@@ -95,7 +96,7 @@ class EnsemblePredictor:
         if not self.model_dir.is_dir():
             raise SamunetError(f"{self.model_dir}: model folder not found")
         self.trainer, _, self.configuration = parse_model_folder(self.model_dir)
-        self.plans = load_json(self.model_dir / "plans.json")
+        self.plans = check_plans(load_json(self.model_dir / "plans.json"), self.model_dir / "plans.json")
         self.dataset_json = load_json(self.model_dir / "dataset.json")
         if self.configuration not in self.plans.get("configurations", {}):
             raise SamunetError(f"{self.model_dir / 'plans.json'}: has no configuration '{self.configuration}'")

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from samunet.paths import preprocessed_folder
 from samunet.planning.planner import PLANS_NAME
+from samunet.planning.plans_checks import check_plans
 from samunet.utils import SamunetError, load_json
 
 
@@ -16,7 +17,7 @@ def load_plans(dataset_name: str, plans_name: str = PLANS_NAME) -> dict:
     path = plans_file(dataset_name, plans_name)
     if not path.is_file():
         raise SamunetError(f"{path}: plans not found; run samunet_plan_and_preprocess -d {dataset_name} first")
-    return load_json(path)
+    return check_plans(load_json(path), path)
 
 
 def get_configuration(plans: dict, name: str) -> dict:

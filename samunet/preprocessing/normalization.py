@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-SCHEMES = ("ct_window", "percentile_clip", "natural_8bit")
+from samunet.planning.plans_checks import NORMALIZATION_SCHEMES as SCHEMES
 
 
 def _scale(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
