@@ -133,10 +133,10 @@ def portable(report: dict) -> dict:
         if isinstance(obj, list):
             return [convert(v) for v in obj]
         if isinstance(obj, str) and obj.startswith("/"):
-            real = os.path.realpath(obj)
-            for root, name in roots:
-                if real == root or real.startswith(root + os.sep):
-                    return name + real[len(root):]
+            for path in (os.path.normpath(obj), os.path.realpath(obj)):  # as written, then with links resolved
+                for root, name in roots:
+                    if path == root or path.startswith(root + os.sep):
+                        return name + path[len(root):]
         return obj
     return convert(report)
 
