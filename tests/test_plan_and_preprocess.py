@@ -48,9 +48,13 @@ def test_hippocampus_cli_plans_preprocesses_and_resumes(samunet_dirs):
     assert default_views(rule, 128, 8 * 25 * 8)[0] == 0
     older = {k: v for k, v in rule.items() if k != "max_views"}  # plans made before the rule allowed 64 keep 16
     assert default_views(older, 34, 100 * 50 * 16)[0] == 16
+    from samunet.planning.plans_checks import check_plans
     for key, bad in (("max_views", "lots"), ("encoder_s_per_input", 0), ("budget_s", -1.0)):  # a hand-edited rule
-        with pytest.raises(SamunetError, match=f"plans.json: augmented_views.{key} is {bad!r}, not a number"):
-            default_views({**rule, key: bad}, 34, 100 * 50 * 16, "plans.json")
+        edited = json.loads(json.dumps(plans))
+        edited["configurations"]["2d"]["augmented_views"][key] = bad
+        with pytest.raises(SamunetError,
+                           match=f"plans.json: configurations.2d.augmented_views.{key} is {bad!r}, not a number"):
+            check_plans(edited, "plans.json")
     assert plans["configurations"]["2.5d"]["channel_rule"]["type"] == "neighbour_slices"
     assert plans["configurations"]["2.5d"]["data_identifier"] == cfg["data_identifier"]
     emb = plans["configurations"]["2.5d_emb"]

@@ -7,8 +7,8 @@ wrong size); ``check_plans`` names the file, the key and what it expects instead
     error: .../samunetPlans.json: configurations.2d.batch_size is 'abc', not an integer >= 1
 
 Only the values that preprocessing, training and inference read are checked; reasons and other notes are free text.
-Keys that older plans lack and the code defaults (``embedding_context``, ``early_stopping_patience``, ``tile_step``)
-are checked where present.
+Keys that older plans lack and the code defaults (``embedding_context``, ``early_stopping_patience``, ``tile_step``,
+``augmented_views``) are checked where present.
 """
 from __future__ import annotations
 
@@ -99,6 +99,7 @@ def _check_configuration(name: str, config, plans: dict, fail) -> None:
     rule = config.get("channel_rule")
     if not isinstance(rule, dict) or rule.get("type") not in CHANNEL_RULES:
         fail(f"{where}.channel_rule is {rule!r}, not an object whose type is one of {', '.join(CHANNEL_RULES)}")
+    _check_views_rule(f"{where}.augmented_views", config.get("augmented_views"), fail)
     norm = config.get("normalization")
     if not isinstance(norm, list) or len(norm) != len(plans["channel_names"]):
         fail(f"{where}.normalization is {norm!r}, not a list of one scheme per channel "
@@ -107,6 +108,22 @@ def _check_configuration(name: str, config, plans: dict, fail) -> None:
         if not isinstance(scheme, dict) or scheme.get("scheme") not in NORMALIZATION_SCHEMES:
             fail(f"{where}.normalization[{c}] is {scheme!r}, not an object whose scheme is one of "
                  f"{', '.join(NORMALIZATION_SCHEMES)}")
+
+
+def _check_views_rule(where: str, rule, fail) -> None:
+    """The hybrid head's augmented-views rule (optional): seconds per encoder input (it divides the budget, so > 0),
+    per head sample, the budget, and the cap on views (absent in plans made before it: the trainer's legacy cap)."""
+    if rule is None:
+        return
+    if not isinstance(rule, dict):
+        fail(f"{where} is {rule!r}, not an object")
+    for key in ("encoder_s_per_input", "head_s_per_sample", "budget_s", "max_views"):
+        if key == "max_views" and key not in rule:
+            continue
+        value, positive = rule.get(key), key == "encoder_s_per_input"
+        if not _is_number(value) or value < 0 or (positive and value == 0):
+            fail(f"{where}.{key} is {value!r}, not a number {'> 0' if positive else '>= 0'}; correct it or run "
+                 "samunet_plan_and_preprocess again")
 
 
 def check_plans(plans, source: str | Path) -> dict:

@@ -36,7 +36,7 @@ from samunet.preprocessing.embedding_cache import encode_batches, encoder_batch_
 from samunet.preprocessing.encoder_inputs import encoder_inputs, make_layout, slice_images, target_inputs
 from samunet.training.cached_augmentation import (WarpParams, intensity_augmentation, random_affine,
                                                   region_centres, warp_grid, warp_labels)
-from samunet.utils import SamunetError, atomic_save_npy, load_json, save_json, stable_hash
+from samunet.utils import atomic_save_npy, load_json, save_json, stable_hash
 
 logger = logging.getLogger("samunet")
 
@@ -62,16 +62,9 @@ def views_budget(rule: dict | None, samples: int) -> tuple[int, str]:
                    f"head time of {samples} samples) at {rule['encoder_s_per_input']:.2f} s per input")
 
 
-def default_views(rule: dict | None, num_inputs: int, samples: int, source="the plans") -> tuple[int, str]:
+def default_views(rule: dict | None, num_inputs: int, samples: int) -> tuple[int, str]:
     """Views per labelled input for a run of ``samples`` training samples on ``num_inputs`` labelled encoder inputs
-    under the plans' rule, and why. A rule with a value out of range (a hand-edited plans file, ``source``) is
-    refused with a message."""
-    for key in ("encoder_s_per_input", "head_s_per_sample", "budget_s", "max_views") if rule else ():
-        value = rule.get(key, LEGACY_MAX_VIEWS if key == "max_views" else None)
-        positive = key == "encoder_s_per_input"  # it divides the budget; 0 elsewhere means no views
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (positive and value == 0):
-            raise SamunetError(f"{source}: augmented_views.{key} is {value!r}, not a number "
-                               f"{'> 0' if positive else '>= 0'}; correct it or run samunet_plan_and_preprocess again")
+    under the plans' rule (checked with the plans, ``samunet.planning.plans_checks``), and why."""
     calls, why = views_budget(rule, samples)
     return views_for(num_inputs, calls, (rule or {}).get("max_views", LEGACY_MAX_VIEWS)), why
 

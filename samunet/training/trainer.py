@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from samunet.models.for_plans import build_encoder_for_plans, build_model
 from samunet.paths import model_folder, preprocessed_folder, resolve_dataset_name, trainer_name
-from samunet.planning.plans import get_configuration, load_plans, plans_file
+from samunet.planning.plans import get_configuration, load_plans
 from samunet.preprocessing.embedding_cache import EmbeddingCache
 from samunet.training.augmented_views import AugmentedViews, default_views
 from samunet.training.cached_augmentation import WarpParams
@@ -178,8 +178,7 @@ class Trainer(EpochLoop, ScaleOut):
             if n_views is None and self.hybrid:
                 inputs = sum(len(self.cache.load(i)[0]) for i in self.train_ids)
                 n_views, why = default_views(self.config.get("augmented_views"), inputs,
-                                             self.num_epochs * self.iterations * self.batch_size,
-                                             plans_file(self.dataset_name, self.plans["plans_name"]))
+                                             self.num_epochs * self.iterations * self.batch_size)
                 self.text(f"augmented views: {n_views} per labelled input ({inputs} inputs; {why})")
             if n_views:
                 self.views = AugmentedViews(self.cache, canvas, n_views, self.seed)
