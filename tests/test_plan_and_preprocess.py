@@ -1,5 +1,6 @@
 """Fingerprint, planner and preprocessing on the real data sets."""
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -23,7 +24,7 @@ def _plans(samunet_dirs, name):
     return json.loads((samunet_dirs["samunet_preprocessed"] / name / "samunetPlans.json").read_text())
 
 
-def test_hippocampus_cli_plans_preprocesses_and_resumes(samunet_dirs):
+def test_hippocampus_cli_plans_preprocesses_and_resumes(samunet_dirs, caplog, monkeypatch):
     cases = hippo_cases(20)
     copy_dataset(HIPPO, samunet_dirs["samunet_raw"], cases)
     r = subprocess.run(CLI + ["-d", "4", "--verify_dataset_integrity", "-np", "2"], capture_output=True, text=True)
@@ -55,6 +56,19 @@ def test_hippocampus_cli_plans_preprocesses_and_resumes(samunet_dirs):
         with pytest.raises(SamunetError,
                            match=f"plans.json: configurations.2d.augmented_views.{key} is {bad!r}, not a number"):
             check_plans(edited, "plans.json")
+    monkeypatch.setattr(logging.getLogger("samunet"), "propagate", True)  # a CLI run in this process turns it off
+    with caplog.at_level("WARNING", logger="samunet"):
+        check_plans(plans, "plans.json")  # every key the planner writes is one samunet knows
+        assert not caplog.records
+        edited = json.loads(json.dumps(plans))
+        edited["configurations"]["2d"]["batchsize"] = 8  # a misspelt key would change nothing: said so
+        check_plans(edited, "plans.json")
+        assert caplog.messages == ["plans.json: configurations.2d.batchsize is not a key samunet reads; it changes "
+                                   "nothing (did you mean batch_size?)"]
+    edited["configurations"]["2d"]["hybrid"]["canvas_size"] = 48  # the hybrid head's stages would not line up
+    with pytest.raises(SamunetError, match=r"plans.json: configurations.2d.hybrid.feature_map_sizes\[0\] is \[64, "
+                                           r"64\], but a 48 px canvas through strides \[\[1, 1\]\] gives \[48, 48\]"):
+        check_plans(edited, "plans.json")
     assert plans["configurations"]["2.5d"]["channel_rule"]["type"] == "neighbour_slices"
     assert plans["configurations"]["2.5d"]["data_identifier"] == cfg["data_identifier"]
     emb = plans["configurations"]["2.5d_emb"]

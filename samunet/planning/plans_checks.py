@@ -8,15 +8,21 @@ wrong size); ``check_plans`` names the file, the key and what it expects instead
 
 Only the values that preprocessing, training and inference read are checked; reasons and other notes are free text.
 Keys that older plans lack and the code defaults (``embedding_context``, ``early_stopping_patience``, ``tile_step``,
-``augmented_views``) are checked where present.
+``augmented_views``, the ``unet`` and ``hybrid`` network blocks, ...) are checked where present. A key samunet does not
+read (a misspelt ``batchsize``) would silently change nothing, so it is named in a warning, with the key it resembles.
 """
 from __future__ import annotations
 
+import difflib
+import logging
 from numbers import Real
 from pathlib import Path
 
 from samunet.models.specs import ENCODER_SPECS, HEADS
 from samunet.utils import SamunetError
+
+logger = logging.getLogger("samunet")
+_WARNED: set = set()
 
 NORMALIZATION_SCHEMES = ("ct_window", "percentile_clip", "natural_8bit")
 CHANNEL_RULES = ("replicate", "neighbour_slices", "rgb", "encode_each_and_fuse")
@@ -75,10 +81,20 @@ CONFIG_RULES = {
     "cache_embeddings": (False, lambda v: isinstance(v, bool), "not true or false"),
     "initial_lr": (True, lambda v: isinstance(v, dict) and all(_is_number(x) and x > 0 for x in v.values()),
                    "not an object of positive learning rates per head"),
+    "cpu_num_epochs": (False, lambda v: isinstance(v, dict) and all(_is_int(x) and x >= 1 for x in v.values()),
+                       "not an object of epochs (integers >= 1) per head"),
+    "cooldown_epochs": (False, *_int_at_least(0)),
+    "median_slice_shape": (False, *_positive_numbers(2)),
 }
+# keys the planner writes that are read by people, not code (reasons, estimates), or checked below by hand
+INFORMATIVE_CONFIG_KEYS = {"channel_rule", "normalization", "augmented_views", "unet", "hybrid", "embedding_cache",
+                           "estimated_cache_gb", "training_slices", "encoder_inputs", "estimated_encoder_cpu_hours"}
+PLANS_KEYS = {"dataset_name", "plans_name", "samunet_version", "seed", "encoder", "channel_names", "label_values",
+              "class_names", "file_ending", "original_median_spacing", "original_median_shape",
+              "foreground_intensity_properties_per_channel", "budgets", "configurations"}
 
 
-def _check_configuration(name: str, config, plans: dict, fail) -> None:
+def _check_configuration(name: str, config, plans: dict, fail, warn) -> None:
     where = f"configurations.{name}"
     if not isinstance(config, dict):
         fail(f"{where} is not an object")
@@ -100,6 +116,10 @@ def _check_configuration(name: str, config, plans: dict, fail) -> None:
     if not isinstance(rule, dict) or rule.get("type") not in CHANNEL_RULES:
         fail(f"{where}.channel_rule is {rule!r}, not an object whose type is one of {', '.join(CHANNEL_RULES)}")
     _check_views_rule(f"{where}.augmented_views", config.get("augmented_views"), fail)
+    for block in ("unet", "hybrid"):
+        if block in config:
+            _check_network_block(f"{where}.{block}", config[block], fail, warn)
+    _warn_unknown(where, config, set(CONFIG_RULES) | INFORMATIVE_CONFIG_KEYS, warn)
     norm = config.get("normalization")
     if not isinstance(norm, list) or len(norm) != len(plans["channel_names"]):
         fail(f"{where}.normalization is {norm!r}, not a list of one scheme per channel "
@@ -126,11 +146,68 @@ def _check_views_rule(where: str, rule, fail) -> None:
                  "samunet_plan_and_preprocess again")
 
 
+def _pairs(n: int, odd: bool = False):
+    return lambda v: isinstance(v, list) and len(v) == n and all(
+        isinstance(p, list) and len(p) == 2 and all(_is_int(x) and x >= 1 and (x % 2 == 1 or not odd) for x in p)
+        for p in v)
+
+
+def _check_network_block(where: str, block, fail, warn) -> None:
+    """A U-Net topology block (``unet``, ``hybrid``): per-stage lists of the length ``n_stages`` says, and feature map
+    sizes that are the canvas divided by the strides so far (the hybrid head resamples the embedding to them)."""
+    if not isinstance(block, dict):
+        fail(f"{where} is {block!r}, not an object")
+    n = block.get("n_stages")
+    if not _is_int(n) or n < 1:
+        fail(f"{where}.n_stages is {n!r}, not an integer >= 1")
+    rules = {
+        "features_per_stage": (lambda v: isinstance(v, list) and len(v) == n and all(_is_int(x) and x >= 1 for x in v),
+                               f"not a list of {n} integers >= 1 (one per stage)"),
+        "strides": (_pairs(n), f"not a list of {n} [y, x] pairs of integers >= 1"),
+        "kernel_sizes": (_pairs(n, odd=True), f"not a list of {n} [y, x] pairs of odd integers >= 1"),
+        "n_conv_per_stage": (lambda v: isinstance(v, list) and len(v) == n and all(_is_int(x) and x >= 1 for x in v),
+                             f"not a list of {n} integers >= 1"),
+        "n_conv_per_stage_decoder": (
+            lambda v: isinstance(v, list) and len(v) == n - 1 and all(_is_int(x) and x >= 1 for x in v),
+            f"not a list of {n - 1} integers >= 1 (one per decoder stage)"),
+        "feature_map_sizes": (_pairs(n), f"not a list of {n} [y, x] pairs of integers >= 1"),
+        "canvas_size": (lambda v: _is_int(v) and v >= 16, "not an integer >= 16"),
+    }
+    for key, (test, expected) in rules.items():
+        if key in block and not test(block[key]):
+            fail(f"{where}.{key} is {block[key]!r}, {expected}")
+        if key not in block and key not in ("feature_map_sizes", "canvas_size"):
+            fail(f"{where}.{key} is missing")
+    if "canvas_size" in block and "feature_map_sizes" in block:
+        side = [block["canvas_size"]] * 2
+        for stage, (stride, size) in enumerate(zip(block["strides"], block["feature_map_sizes"])):
+            side = [s // k if s % k == 0 else None for s, k in zip(side, stride)]
+            if side != size:
+                fail(f"{where}.feature_map_sizes[{stage}] is {size}, but a {block['canvas_size']} px canvas through "
+                     f"strides {block['strides'][:stage + 1]} gives {side}; correct it or run "
+                     "samunet_plan_and_preprocess again")
+    _warn_unknown(where, block, set(rules) | {"n_stages"}, warn)
+
+
+def _warn_unknown(where: str, obj: dict, known: set, warn) -> None:
+    for key in obj:
+        if key in known or key.endswith(("_reason", "_note")):
+            continue
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        warn(f"{where + '.' if where else ''}{key} is not a key samunet reads; it changes nothing"
+             + (f" (did you mean {close[0]}?)" if close else ""))
+
+
 def check_plans(plans, source: str | Path) -> dict:
     """Return ``plans`` unchanged if the values samunet reads from it are usable, else raise ``SamunetError``
     naming ``source`` (the plans file), the key and what it should be."""
     def fail(problem: str):
         raise SamunetError(f"{source}: {problem}")
+
+    def warn(problem: str):
+        if (str(source), problem) not in _WARNED:  # a run loads its plans more than once: say it once
+            _WARNED.add((str(source), problem))
+            logger.warning("%s: %s", source, problem)
 
     if not isinstance(plans, dict):
         fail("is not a plans object")
@@ -150,5 +227,6 @@ def check_plans(plans, source: str | Path) -> dict:
     if not isinstance(configs, dict) or not configs:
         fail("configurations is missing or empty")
     for name, config in configs.items():
-        _check_configuration(name, config, plans, fail)
+        _check_configuration(name, config, plans, fail, warn)
+    _warn_unknown("", plans, PLANS_KEYS, warn)
     return plans
