@@ -428,6 +428,16 @@ def test_augmented_views_hold_the_exact_embeddings_of_aligned_warped_slices(trai
     other = F.cosine_similarity(again, stored.roll(1, 0), dim=1).mean()
     assert same > 0.9 and same > other + 0.05, (float(same), float(other))
     assert make_layout(data.shape[2:], {**t.config, "encoder_input_size": 64}) == info["layout"]
+    assert not list(views.folder.glob(".*"))  # the views were written under a temporary name, renamed when complete
+    # the same seed gives the same views: the intensity transforms (the noise's variance comes from Python's random,
+    # the rest from numpy's) repeat exactly, on 64 real slices, where about 6 draw noise
+    from samunet.training.cached_augmentation import intensity_augmentation, seed_intensity_augmentation
+    slices = np.repeat(np.load(src / f"{ident}.npy")[:, middle - 4:middle + 4].swapaxes(0, 1), 8, 0)
+    transform, out = intensity_augmentation(), []
+    for seed in (5, 5, 6):
+        seed_intensity_augmentation(seed)
+        out.append(transform(data=np.array(slices, dtype=np.float32))["data"])
+    assert np.array_equal(out[0], out[1]) and not np.array_equal(out[0], out[2])
 
 
 def test_embedding_context_fuses_the_cached_embeddings_of_neighbouring_slices(trained, hippo_env, tmp_path):

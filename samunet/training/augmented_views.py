@@ -33,10 +33,12 @@ from tqdm import tqdm
 
 from samunet.planning.planner import MAX_VIEWS
 from samunet.preprocessing.embedding_cache import encode_batches, encoder_batch_size
-from samunet.preprocessing.encoder_inputs import encoder_inputs, make_layout, slice_images, target_inputs
+from samunet.preprocessing.encoder_inputs import (encoder_inputs, make_layout, num_encoder_images, slice_images,
+                                                  target_inputs)
 from samunet.training.cached_augmentation import (WarpParams, intensity_augmentation, random_affine,
-                                                  region_centres, warp_grid, warp_labels)
-from samunet.utils import atomic_save_npy, load_json, save_json, stable_hash
+                                                  region_centres, seed_intensity_augmentation, warp_grid,
+                                                  warp_labels)
+from samunet.utils import atomic_save_npy, load_json, save_json, stable_hash, sweep_stale_temps, temp_path
 
 logger = logging.getLogger("samunet")
 
@@ -92,6 +94,7 @@ class AugmentedViews:
         if not todo:
             return 0
         self.folder.mkdir(parents=True, exist_ok=True)
+        sweep_stale_temps(self.folder)  # only dead writers' files
         batch = encoder_batch_size(encoder.spec, self.config["encoder_input_size"], ram_budget_mb)
         transform = intensity_augmentation()
         total = 0
@@ -106,21 +109,47 @@ class AugmentedViews:
         canvas = None if self.canvas is None else \
             make_layout(data.shape[2:], {**self.config, "encoder_input_size": int(self.canvas)})
         out_layout = canvas or layout
-        embs, targets, images, rows = [], [], [], []
+        f_emb, f_tgt, f_img, f_json = self._files(ident)
+        # the views' embeddings (the bulk: 2 MB per input at 256 px) go straight into a memory-mapped file under a
+        # temporary name, as the cache's do, so a case's views never have to fit in RAM
+        e, g, _ = encoder.spec.embedding_shape(self.config["encoder_input_size"])
+        rows_per_view = data.shape[1] * len(layout["tiles"])
+        tmp = temp_path(f_emb)
+        try:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(
+                self.views * rows_per_view, num_encoder_images(self.config, data.shape[0]) * e, g, g))
+            targets, images, rows = self._encode_views(ident, data, seg, layout, canvas, encoder, batch, transform,
+                                                       out)
+            out.flush()
+            out = None  # releases the memory map before the rename
+            tmp.replace(f_emb)
+        finally:
+            tmp.unlink(missing_ok=True)
+        atomic_save_npy(f_tgt, torch.cat(targets).numpy())
+        if images:
+            atomic_save_npy(f_img, torch.cat(images).numpy())
+        save_json({"rows": rows, "layout": out_layout, "views": self.views}, f_json)
+        return len(rows)
+
+    def _encode_views(self, ident, data, seg, layout, canvas, encoder, batch, transform, out):
+        """Encode the views of one case into ``out`` (view-major rows); returns their targets, canvas images and
+        (view, slice, tile) rows."""
+        out_layout = canvas or layout
+        targets, images, rows = [], [], []
         case_seed = int(stable_hash(ident, 8), 16)
         for v in range(self.views):
             # each slice gets its own warp and intensity change, except where the head fuses neighbouring slices
             # (2.5d_emb): there one per view keeps the slices of a view aligned
             rng = np.random.default_rng([self.seed, case_seed, v])
-            np.random.seed(int(rng.integers(2 ** 31)))  # batchgenerators draws from numpy's global state
+            view_seed = int(rng.integers(2 ** 31))
+            seed_intensity_augmentation(view_seed)  # batchgenerators draws from global states
             per_view = int(self.config.get("embedding_context", 1)) > 1
-            view_state = np.random.get_state()
             view_theta = random_affine(rng, 1, region_centres([layout]), VIEW_WARP) if per_view else None
             xs, cs, ts = [], [], []
             for s in range(data.shape[1]):
                 img = slice_images(data, s, self.config)  # (n_enc, 3, Y, X)
                 if per_view:
-                    np.random.set_state(view_state)
+                    seed_intensity_augmentation(view_seed)
                 # a copy: an RGB slice is a read-only view of the memory-mapped case, which the transforms write into
                 d = transform(data=np.array(img.reshape(1, -1, *img.shape[-2:]), dtype=np.float32))
                 img = np.clip(d["data"][0], 0, 1).reshape(img.shape)
@@ -135,18 +164,12 @@ class AugmentedViews:
                     cs.append(warp_grid(c, theta))
                 rows += [[v, s, k] for k in range(len(x))]
             x = torch.cat(xs)
-            e = encode_batches(encoder, x.flatten(0, 1), batch)
-            embs.append(e.reshape(len(x), -1, *e.shape[-2:]).half())
+            emb = encode_batches(encoder, x.flatten(0, 1), batch)
+            out[v * len(x):(v + 1) * len(x)] = emb.reshape(len(x), *out.shape[1:]).half().numpy()
             targets.append(torch.cat(ts).short())
             if cs:
                 images.append(torch.cat(cs).half())
-        f_emb, f_tgt, f_img, f_json = self._files(ident)
-        atomic_save_npy(f_emb, torch.cat(embs).numpy())
-        atomic_save_npy(f_tgt, torch.cat(targets).numpy())
-        if images:
-            atomic_save_npy(f_img, torch.cat(images).numpy())
-        save_json({"rows": rows, "layout": out_layout, "views": self.views}, f_json)
-        return len(rows)
+        return targets, images, rows
 
     def load(self, ident: str):
         f_emb, f_tgt, f_img, f_json = self._files(ident)

@@ -20,6 +20,7 @@ cached, and a model trained on mirrored embedding grids would be tested on real 
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,8 +95,16 @@ def region_centres(layouts: list[dict]) -> np.ndarray:
     return c
 
 
+def seed_intensity_augmentation(seed: int) -> None:
+    """Seed what ``intensity_augmentation`` draws from: numpy's global state, and Python's ``random`` (the Gaussian
+    noise transform draws its variance there), so seeded views and resumed epochs repeat exactly."""
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
 def intensity_augmentation():
-    """batchgenerators' intensity transforms with nnU-Net's probabilities, for the image path."""
+    """batchgenerators' intensity transforms with nnU-Net's probabilities, for the image path (seeded by
+    ``seed_intensity_augmentation``)."""
     from batchgenerators.transforms.abstract_transforms import Compose
     from batchgenerators.transforms.color_transforms import (BrightnessMultiplicativeTransform,
                                                              ContrastAugmentationTransform, GammaTransform)

@@ -240,8 +240,9 @@ class BackgroundBatches:
 
         def work():
             rng = np.random.default_rng([seed, epoch] + ([rank] if rank else []))
-            # batchgenerators draws from numpy's global state
-            np.random.seed((seed * 100003 + epoch + 7919 * rank) % 2**32)
+            # batchgenerators draws from numpy's and Python's global states
+            from samunet.training.cached_augmentation import seed_intensity_augmentation
+            seed_intensity_augmentation((seed * 100003 + epoch + 7919 * rank) % 2**32)
             try:
                 for _ in range(n):
                     rows = data.sampler.draw(rng, batch_size)
