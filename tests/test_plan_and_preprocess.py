@@ -63,8 +63,8 @@ def test_hippocampus_cli_plans_preprocesses_and_resumes(samunet_dirs, caplog, mo
         edited = json.loads(json.dumps(plans))
         edited["configurations"]["2d"]["batchsize"] = 8  # a misspelt key would change nothing: said so
         check_plans(edited, "plans.json")
-        assert caplog.messages == ["plans.json: configurations.2d.batchsize is not a key samunet reads; it changes "
-                                   "nothing (did you mean batch_size?)"]
+        assert set(caplog.messages) == {"plans.json: configurations.2d.batchsize is not a key samunet reads; it "
+                                        "changes nothing (did you mean batch_size?)"}
     edited["configurations"]["2d"]["hybrid"]["canvas_size"] = 48  # the hybrid head's stages would not line up
     with pytest.raises(SamunetError, match=r"plans.json: configurations.2d.hybrid.feature_map_sizes\[0\] is \[64, "
                                            r"64\], but a 48 px canvas through strides \[\[1, 1\]\] gives \[48, 48\]"):
