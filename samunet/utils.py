@@ -150,6 +150,22 @@ def json_matches(path: str | os.PathLike, obj: Any) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def atomic_memmap(path: str | os.PathLike, shape: tuple, dtype=np.float16):
+    """A ``.npy`` array of ``shape`` memory-mapped under a temporary name beside ``path``, to be filled in place; on
+    success it is flushed and renamed to ``path``, on failure removed. A large array never has to fit in RAM, and
+    two writers of the same file never write into one."""
+    tmp = temp_path(path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=tuple(shape))
+        yield out
+        out.flush()  # on disk before the rename (a mapped file may be renamed on POSIX; the caller's map stays valid)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     with atomic_file(path) as f:
         np.save(f, array, allow_pickle=False)

@@ -161,17 +161,13 @@ def _check_network_block(where: str, block, fail, warn) -> None:
     if not _is_int(n) or n < 1:
         fail(f"{where}.n_stages is {n!r}, not an integer >= 1")
     rules = {
-        "features_per_stage": (lambda v: isinstance(v, list) and len(v) == n and all(_is_int(x) and x >= 1 for x in v),
-                               f"not a list of {n} integers >= 1 (one per stage)"),
+        "features_per_stage": _positive_ints(n),
         "strides": (_pairs(n), f"not a list of {n} [y, x] pairs of integers >= 1"),
         "kernel_sizes": (_pairs(n, odd=True), f"not a list of {n} [y, x] pairs of odd integers >= 1"),
-        "n_conv_per_stage": (lambda v: isinstance(v, list) and len(v) == n and all(_is_int(x) and x >= 1 for x in v),
-                             f"not a list of {n} integers >= 1"),
-        "n_conv_per_stage_decoder": (
-            lambda v: isinstance(v, list) and len(v) == n - 1 and all(_is_int(x) and x >= 1 for x in v),
-            f"not a list of {n - 1} integers >= 1 (one per decoder stage)"),
+        "n_conv_per_stage": _positive_ints(n),
+        "n_conv_per_stage_decoder": _positive_ints(n - 1),  # one per decoder stage
         "feature_map_sizes": (_pairs(n), f"not a list of {n} [y, x] pairs of integers >= 1"),
-        "canvas_size": (lambda v: _is_int(v) and v >= 16, "not an integer >= 16"),
+        "canvas_size": _int_at_least(16),
     }
     for key, (test, expected) in rules.items():
         if key in block and not test(block[key]):

@@ -35,8 +35,8 @@ from tqdm import tqdm
 
 from samunet.preprocessing.encoder_inputs import (encoder_inputs, make_layout, num_encoder_images, slice_images,
                                                   target_inputs)
-from samunet.utils import (SamunetError, atomic_save_npy, load_json, save_json, stable_hash, sweep_stale_temps,
-                           temp_path)
+from samunet.utils import (SamunetError, atomic_memmap, atomic_save_npy, load_json, save_json, stable_hash,
+                           sweep_stale_temps)
 
 logger = logging.getLogger("samunet")
 
@@ -82,18 +82,13 @@ def write_case_embeddings(data: np.ndarray, config: dict, encoder, batch: int, p
     p = config["encoder_input_size"]
     e, g, _ = encoder.spec.embedding_shape(p)
     step = max(1, batch // (n_tiles * n_enc))  # slices per encoder batch
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(data.shape[1] * n_tiles, n_enc * e, g, g))
-    for start in range(0, data.shape[1], step):
-        stop = min(data.shape[1], start + step)
-        x = torch.cat([encoder_inputs(np.ascontiguousarray(np.flip(slice_images(data, s, config), view)), layout)
-                       for s in range(start, stop)])  # (n * T, n_enc, 3, P, P)
-        emb = encode_batches(encoder, x.reshape(-1, 3, p, p), batch)
-        out[start * n_tiles:stop * n_tiles] = emb.reshape(len(x), n_enc * e, g, g).half().numpy()
-    out.flush()
-    out = None  # releases the memory map before the rename
-    tmp.replace(path)
+    with atomic_memmap(path, (data.shape[1] * n_tiles, n_enc * e, g, g)) as out:
+        for start in range(0, data.shape[1], step):
+            stop = min(data.shape[1], start + step)
+            x = torch.cat([encoder_inputs(np.ascontiguousarray(np.flip(slice_images(data, s, config), view)), layout)
+                           for s in range(start, stop)])  # (n * T, n_enc, 3, P, P)
+            emb = encode_batches(encoder, x.reshape(-1, 3, p, p), batch)
+            out[start * n_tiles:stop * n_tiles] = emb.reshape(len(x), n_enc * e, g, g).half().numpy()
     return layout
 
 

@@ -38,7 +38,7 @@ from samunet.preprocessing.encoder_inputs import (encoder_inputs, make_layout, n
 from samunet.training.cached_augmentation import (WarpParams, intensity_augmentation, random_affine,
                                                   region_centres, seed_intensity_augmentation, warp_grid,
                                                   warp_labels)
-from samunet.utils import atomic_save_npy, load_json, save_json, stable_hash, sweep_stale_temps, temp_path
+from samunet.utils import atomic_memmap, atomic_save_npy, load_json, save_json, stable_hash, sweep_stale_temps
 
 logger = logging.getLogger("samunet")
 
@@ -110,21 +110,14 @@ class AugmentedViews:
             make_layout(data.shape[2:], {**self.config, "encoder_input_size": int(self.canvas)})
         out_layout = canvas or layout
         f_emb, f_tgt, f_img, f_json = self._files(ident)
-        # the views' embeddings (the bulk: 2 MB per input at 256 px) go straight into a memory-mapped file under a
-        # temporary name, as the cache's do, so a case's views never have to fit in RAM
+        # the views' embeddings (the bulk: 2 MB per input at 256 px) go straight into a memory-mapped file, as the
+        # cache's do, so a case's views never have to fit in RAM
         e, g, _ = encoder.spec.embedding_shape(self.config["encoder_input_size"])
         rows_per_view = data.shape[1] * len(layout["tiles"])
-        tmp = temp_path(f_emb)
-        try:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(
-                self.views * rows_per_view, num_encoder_images(self.config, data.shape[0]) * e, g, g))
+        with atomic_memmap(f_emb, (self.views * rows_per_view, num_encoder_images(self.config, data.shape[0]) * e,
+                                   g, g)) as out:
             targets, images, rows = self._encode_views(ident, data, seg, layout, canvas, encoder, batch, transform,
                                                        out)
-            out.flush()
-            out = None  # releases the memory map before the rename
-            tmp.replace(f_emb)
-        finally:
-            tmp.unlink(missing_ok=True)
         atomic_save_npy(f_tgt, torch.cat(targets).numpy())
         if images:
             atomic_save_npy(f_img, torch.cat(images).numpy())
