@@ -230,6 +230,40 @@ def pretrain_cell(a, config: str, budget: dict, work: Path) -> dict:
             "final_masked_r2": round(float(state["log"]["pseudo_dice"][-1]), 4)}
 
 
+def local_path(path: str | None) -> Path | None:
+    """A path of the report (``$samunet_results/...`` or relative to the repository) on this machine."""
+    if not path:
+        return None
+    for v in ("samunet_results", "samunet_preprocessed", "samunet_raw"):
+        if path.startswith(f"${v}/") or path == f"${v}":
+            return Path(os.environ[v] + path[len(v) + 1:]) if os.environ.get(v) else None
+    return REPO / path if path.startswith(".") else Path(path)
+
+
+def postprocessed(cell: dict, key: str, raw: Path, val: list[str], ending: str, work: Path) -> dict | None:
+    """nnU-Net's keep-largest-component choice (``choose_postprocessing``, as find-best makes it) on a cell's
+    validation predictions, or None where they are not on this machine or are not the ones the cell was scored on
+    (their Dice differs from the cell's)."""
+    from samunet.evaluation.ensemble_postprocess import choose_postprocessing
+    folder = local_path(cell.get("model_folder"))
+    pred = folder / "validation" if folder else None
+    if pred is None or not predictions_complete(pred, val, ending):
+        return None
+    out = work / "postprocessing" / key
+    newest = max((pred / f"{c}{ending}").stat().st_mtime for c in val)
+    if (out / "choice.json").is_file() and (out / "choice.json").stat().st_mtime >= newest:
+        choice = load_json(out / "choice.json")
+    else:
+        labels = [v for v in load_json(raw / "dataset.json")["labels"].values() if v != 0]
+        choice = choose_postprocessing(pred, raw / "labelsTr", labels, ending, out / "trials", cases=val)
+        save_json(choice, out / "choice.json")
+    if abs(choice["mean_foreground_dice_before"] - cell["mean_foreground_dice"]) > 1e-6:
+        log(f"{key}: the predictions in {pred} score {choice['mean_foreground_dice_before']:.4f}, not the recorded "
+            f"{cell['mean_foreground_dice']:.4f}; no post-processing figure")
+        return None
+    return {k: choice[k] for k in ("keep_largest_component", "mean_foreground_dice", "dice_per_class", "trials")}
+
+
 def samunet_cell(a, method: str, n: str, expected_train: list[str], val: list[str], budget: dict, ending: str,
                  raw: Path, work: Path, pretrained: dict | None = None) -> dict:
     from samunet.models.run_checkpoint import load_checkpoint
@@ -484,6 +518,7 @@ def markdown(report: dict) -> str:
             row.append(f"**{c['mean_foreground_dice']:.3f}** ({per}), {fmt_time(c['training_time_s'])}{pre}{its}"
                        f"{rising}")
         lines.append("| " + " | ".join(row) + " |")
+    pp_lines = postprocessed_table(report)
     b = budgets_in_study(report)
     kind = " (quick)" if report["quick"] else " (trained to plateau)" if report.get("plateau") else ""
     text = [f"# Label efficiency: {report['dataset']} fold {report['fold']}{kind}",
@@ -491,7 +526,7 @@ def markdown(report: dict) -> str:
             f"Mean foreground Dice on the fold's {report['num_val_cases']} validation cases, per class in brackets "
             f"({' / '.join(classes)}), then training time. Every cell is evaluated with `samunet_evaluate_folder` "
             "against the raw `labelsTr`.",
-            "", *lines, "",
+            "", *lines, "", *pp_lines,
             "Budgets (epochs x iterations x batch):"]
     cap = "at most " if report.get("plateau") else ""
     stop = lambda k: (f", stopped early once the moving-average pseudo-Dice had not improved for "  # noqa: E731
@@ -525,6 +560,34 @@ def markdown(report: dict) -> str:
              "its last part here); sum of per-cell wall times recorded by the script "
              f"{fmt_time(report['wall_s_cells_total'])}."]
     return "\n".join(text) + "\n"
+
+
+def postprocessed_table(report: dict) -> list[str]:
+    """Markdown lines of the table after keep-largest-component post-processing, or none if no cell has it."""
+    cells, settings = report["cells"], report["settings"]["labeled"]
+    methods = [m for m in report["settings"]["methods"]
+               if any("postprocessed" in cells.get(f"{m}_n{s}", {}) for s in settings)]
+    if not methods:
+        return []
+    lines = ["With post-processing: keep-largest-component, decided for each cell on its validation predictions "
+             "as `samunet_find_best_configuration` (like nnU-Net's find-best) decides it on a cross-validation "
+             "(all foreground classes at once, then each class alone, kept where it raises the mean foreground "
+             "Dice), so chosen on the cases it is scored on, for every method alike. In brackets: per class, then "
+             "the classes post-processed; '—': the cell's predictions were not at hand.", "",
+             "| method | " + " | ".join(f"{s} labelled" if s != "all" else "all" for s in settings) + " |",
+             "|---|" + "---|" * len(settings)]
+    for m in methods:
+        row = [LABELS.get(m, m)]
+        for s in settings:
+            p = cells.get(f"{m}_n{s}", {}).get("postprocessed")
+            if p is None:
+                row.append("—")
+                continue
+            per = " / ".join(f"{p['dice_per_class'][k]:.3f}" for k in sorted(p["dice_per_class"], key=int))
+            kept = ", ".join(map(str, p["keep_largest_component"])) or "none"
+            row.append(f"**{p['mean_foreground_dice']:.3f}** ({per}; {kept})")
+        lines.append("| " + " | ".join(row) + " |")
+    return lines + [""]
 
 
 def budgets_in_study(report: dict) -> dict:
@@ -803,6 +866,11 @@ def main(argv=None):
                 continue
             cells[key] = cell
             log(f"{key}: mean foreground Dice {cells[key]['mean_foreground_dice']:.4f}")
+
+    for key in [f"{m}_n{s}" for s in labeled for m in methods if f"{m}_n{s}" in cells]:
+        pp_cell = postprocessed(cells[key], key, a.raw, val, ending, work)
+        if pp_cell is not None:  # a recorded figure stays where the predictions are no longer here
+            cells[key]["postprocessed"] = pp_cell
 
     # --report_only keeps the figures of the invocation that trained (its date, wall time and machine load)
     keep = a.report_only and "run" in old

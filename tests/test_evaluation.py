@@ -267,6 +267,36 @@ def test_real_hippocampus_against_itself_and_an_eroded_copy(tmp_path):
     assert summary["foreground_mean"]["Dice"] == pytest.approx((np.mean(dice[0]) + np.mean(dice[1])) / 2)
 
 
+def test_postprocessing_choice_on_real_labels_single_and_two_classes(tmp_path):
+    """find-best's keep-largest-component rule: kept for the class whose spurious blob it removes, for a data set
+    with one foreground class too, and not kept where it changes nothing."""
+    from samunet.evaluation.ensemble_postprocess import choose_postprocessing
+    gt2 = _hippo_gt(tmp_path, n=3)
+    gt1, pred1, pred2 = (tmp_path / n for n in ("gt1", "pred1", "pred2"))
+    for d in (gt1, pred1, pred2):
+        d.mkdir()
+    for f in sorted(gt2.iterdir()):
+        seg, props = read_seg(f)
+        fg = (seg > 0).astype(seg.dtype)
+        assert ndimage.label(fg[0] if fg.shape[0] == 1 else fg, np.ones((3, 3, 3)))[1] == 1, f.name
+        blob = np.zeros_like(seg)
+        blob.reshape(-1)[:2] = 1  # two voxels in a corner, far from the hippocampus
+        assert not (blob & fg).any()
+        write_seg(fg, props, gt1 / f.name)
+        write_seg(np.maximum(fg, blob), props, pred1 / f.name)
+        write_seg(np.where(blob > 0, 2, seg).astype(seg.dtype), props, pred2 / f.name)  # a blob of class 2 only
+    one = choose_postprocessing(pred1, gt1, [1], ".nii.gz", tmp_path / "w1")
+    assert one["keep_largest_component"] == [1] and set(one["trials"]) == {"1"}
+    assert one["mean_foreground_dice_before"] < 1 and one["mean_foreground_dice"] == 1.0
+    two = choose_postprocessing(pred2, gt2, [1, 2], ".nii.gz", tmp_path / "w2")
+    assert set(two["trials"]) == {"1_2", "1", "2"}
+    assert two["trials"]["1"] == two["mean_foreground_dice_before"] < two["trials"]["2"] == two["trials"]["1_2"]
+    assert two["keep_largest_component"] == [1, 2] and two["dice_per_class"]["2"] == 1.0
+    same = choose_postprocessing(gt1, gt1, [1], ".nii.gz", tmp_path / "w3")
+    assert same["keep_largest_component"] == [] and same["mean_foreground_dice"] == 1.0
+    assert sorted(p.name for p in pred1.iterdir()) == sorted(p.name for p in gt1.iterdir())  # input untouched
+
+
 def test_real_drive_pngs_with_an_empty_prediction(tmp_path):
     gt, pred = tmp_path / "gt", tmp_path / "pred"
     gt.mkdir(), pred.mkdir()

@@ -3,7 +3,8 @@
 ``samunet_ensemble -i F1 F2 ... -o OUT`` averages the ``CASE.npz`` probabilities that ``samunet_predict
 --save_probabilities`` (or ``samunet_train --npz`` for validation) wrote, and writes label maps with the geometry of
 the first folder's label file for that case. Post-processing keeps, for the chosen classes, only the largest
-connected component, as nnU-Net's post-processing does.
+connected component, as nnU-Net's post-processing does; ``choose_postprocessing`` decides for which classes, from
+validation predictions, by nnU-Net's rule.
 """
 from __future__ import annotations
 
@@ -155,3 +156,43 @@ def apply_postprocessing_folder(input_folder, output_folder, postprocessing: dic
         write_seg(keep_largest_component(seg, classes) if classes else seg, props, out / f.name)
     save_json(postprocessing, out / "postprocessing.json")
     return len(files)
+
+
+def choose_postprocessing(pred_folder, gt_folder, labels, file_ending: str, work_folder, cases=None) -> dict:
+    """Decide keep-largest-component post-processing from validation predictions, as nnU-Net's find-best does.
+
+    Tried on ``pred_folder`` (not modified): all foreground ``labels`` at once (when there are several), then each
+    class alone; the classes are kept where it raises the mean foreground Dice against ``gt_folder`` by more than
+    1e-4. Trial folders and summaries go to ``work_folder``. Returns ``{"keep_largest_component": classes,
+    "mean_foreground_dice_before", "mean_foreground_dice", "dice_per_class", "trials"}`` (``trials``: mean
+    foreground Dice per trial, keyed by its classes joined with '_'), the last two for the chosen post-processing.
+    """
+    from samunet.evaluation.evaluate import evaluate_folder
+
+    labels = [int(c) for c in labels]
+    work = Path(work_folder)
+    work.mkdir(parents=True, exist_ok=True)
+
+    def score(folder: Path, name: str) -> dict:
+        return evaluate_folder(gt_folder, folder, labels, file_ending, output_file=work / f"summary_{name}.json",
+                               chill=True, cases=cases)
+
+    before = score(Path(pred_folder), "none")
+    base = before["foreground_mean"]["Dice"]
+    options = ([labels] if len(labels) > 1 else []) + [[c] for c in labels]
+    trials, summaries = {}, {"": before}
+    for classes in options:
+        key = "_".join(map(str, classes))
+        apply_postprocessing_folder(pred_folder, work / key, {"keep_largest_component": classes}, file_ending)
+        summaries[key] = score(work / key, key)
+        trials[key] = summaries[key]["foreground_mean"]["Dice"]
+    kept = labels if len(labels) > 1 and trials["_".join(map(str, labels))] > base + 1e-4 else \
+        [c for c in labels if trials[str(c)] > base + 1e-4]
+    key = "_".join(map(str, kept))
+    if key not in summaries:  # several classes, each helping alone but not all at once: score that combination
+        apply_postprocessing_folder(pred_folder, work / key, {"keep_largest_component": kept}, file_ending)
+        summaries[key] = score(work / key, key)
+    chosen = summaries[key]
+    return {"keep_largest_component": kept, "mean_foreground_dice_before": base,
+            "mean_foreground_dice": chosen["foreground_mean"]["Dice"],
+            "dice_per_class": {k: v["Dice"] for k, v in chosen["mean"].items()}, "trials": trials}

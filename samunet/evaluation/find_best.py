@@ -14,7 +14,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from samunet.evaluation.ensemble_postprocess import apply_postprocessing_folder, ensemble_folders
+from samunet.evaluation.ensemble_postprocess import choose_postprocessing, ensemble_folders
 from samunet.evaluation.evaluate import evaluate_folder
 from samunet.paths import preprocessed_folder, resolve_dataset_name, results_folder
 from samunet.utils import SamunetError, load_json, save_json
@@ -73,22 +73,9 @@ def find_best_configuration(dataset, folds=(0, 1, 2, 3, 4), allow_ensembles: boo
             results[key] = s["foreground_mean"]["Dice"]
             folders[key] = out
     best = max(results, key=results.get)
-    base = results[best]
-    pp_classes: list[int] = []
-    trials = {}
-    for classes in [labels] + ([[c] for c in labels] if len(labels) > 1 else []):
-        out = work / f"postprocessing_{best}" / "_".join(map(str, classes))
-        apply_postprocessing_folder(folders[best], out, {"keep_largest_component": classes}, ending)
-        d = evaluate_folder(gt, out, labels, ending, output_file=out / "summary.json",
-                            chill=True)["foreground_mean"]["Dice"]
-        trials["_".join(map(str, classes))] = d
-        if d > base + 1e-4 and len(classes) > 1:
-            pp_classes = list(classes)
-            base = d
-    if len(labels) > 1 and not pp_classes:
-        pp_classes = [int(k) for k, d in trials.items() if "_" not in k and d > results[best] + 1e-4]
-    pp = {"keep_largest_component": pp_classes}
-    final_dice = trials.get("_".join(map(str, pp_classes)), results[best]) if pp_classes else results[best]
+    choice = choose_postprocessing(folders[best], gt, labels, ending, work / f"postprocessing_{best}")
+    pp = {"keep_largest_component": choice["keep_largest_component"]}
+    pp_classes, trials, final_dice = pp["keep_largest_component"], choice["trials"], choice["mean_foreground_dice"]
     summary = {"dataset": name, "folds": folds, "results": results, "skipped": skipped, "best": best,
                "best_foreground_dice": results[best], "postprocessing": pp, "postprocessing_trials": trials,
                "foreground_dice_after_postprocessing": final_dice}
