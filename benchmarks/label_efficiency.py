@@ -571,7 +571,7 @@ def postprocessed_table(report: dict) -> list[str]:
         return []
     lines = ["With post-processing: keep-largest-component, decided for each cell on its validation predictions "
              "as `samunet_find_best_configuration` (like nnU-Net's find-best) decides it on a cross-validation "
-             "(all foreground classes at once, then each class alone, kept where it raises the mean foreground "
+             "(each class alone, kept for the classes where it raises the mean foreground "
              "Dice), so chosen on the cases it is scored on, for every method alike. In brackets: per class, then "
              "the classes post-processed; '—': the cell's predictions were not at hand.", "",
              "| method | " + " | ".join(f"{s} labelled" if s != "all" else "all" for s in settings) + " |",

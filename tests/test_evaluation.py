@@ -269,7 +269,7 @@ def test_real_hippocampus_against_itself_and_an_eroded_copy(tmp_path):
 
 def test_postprocessing_choice_on_real_labels_single_and_two_classes(tmp_path):
     """find-best's keep-largest-component rule: kept for the class whose spurious blob it removes, for a data set
-    with one foreground class too, and not kept where it changes nothing."""
+    with one foreground class too, and not for a class where it changes nothing."""
     from samunet.evaluation.ensemble_postprocess import choose_postprocessing
     gt2 = _hippo_gt(tmp_path, n=3)
     gt1, pred1, pred2 = (tmp_path / n for n in ("gt1", "pred1", "pred2"))
@@ -291,7 +291,7 @@ def test_postprocessing_choice_on_real_labels_single_and_two_classes(tmp_path):
     two = choose_postprocessing(pred2, gt2, [1, 2], ".nii.gz", tmp_path / "w2")
     assert set(two["trials"]) == {"1_2", "1", "2"}
     assert two["trials"]["1"] == two["mean_foreground_dice_before"] < two["trials"]["2"] == two["trials"]["1_2"]
-    assert two["keep_largest_component"] == [1, 2] and two["dice_per_class"]["2"] == 1.0
+    assert two["keep_largest_component"] == [2] and two["dice_per_class"]["2"] == 1.0  # class 1: no change
     same = choose_postprocessing(gt1, gt1, [1], ".nii.gz", tmp_path / "w3")
     assert same["keep_largest_component"] == [] and same["mean_foreground_dice"] == 1.0
     assert sorted(p.name for p in pred1.iterdir()) == sorted(p.name for p in gt1.iterdir())  # input untouched

@@ -213,7 +213,7 @@ def test_find_best_configuration_ensembles_postprocesses_and_its_instructions_wo
         with np.load(val_a / f"{case}.npz") as za, np.load(val_b / f"{case}.npz") as zb:
             mean = za["probabilities"].astype(np.float32) + zb["probabilities"].astype(np.float32)
         assert np.array_equal(_read(ens_folder / f"{case}.nii.gz"), mean.argmax(0)), case
-    # post-processing: all foreground classes together, then each alone; kept only where it helps
+    # post-processing: each foreground class alone (and all together); kept only where it helps
     trials = info["postprocessing_trials"]
     assert set(trials) == {"1_2", "1", "2"}
     kept = info["postprocessing"]["keep_largest_component"]

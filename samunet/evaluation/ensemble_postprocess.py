@@ -161,9 +161,11 @@ def apply_postprocessing_folder(input_folder, output_folder, postprocessing: dic
 def choose_postprocessing(pred_folder, gt_folder, labels, file_ending: str, work_folder, cases=None) -> dict:
     """Decide keep-largest-component post-processing from validation predictions, as nnU-Net's find-best does.
 
-    Tried on ``pred_folder`` (not modified): all foreground ``labels`` at once (when there are several), then each
-    class alone; the classes are kept where it raises the mean foreground Dice against ``gt_folder`` by more than
-    1e-4. Trial folders and summaries go to ``work_folder``. Returns ``{"keep_largest_component": classes,
+    Tried on ``pred_folder`` (not modified) for each foreground class alone, and for all of them at once when there
+    are several; it is kept for each class whose trial raises the mean foreground Dice against ``gt_folder`` by more
+    than 1e-4. A class's Dice depends only on its own mask, so these per-class decisions together give the best of
+    the combinations.
+    Trial folders and summaries go to ``work_folder``. Returns ``{"keep_largest_component": classes,
     "mean_foreground_dice_before", "mean_foreground_dice", "dice_per_class", "trials"}`` (``trials``: mean
     foreground Dice per trial, keyed by its classes joined with '_'), the last two for the chosen post-processing.
     """
@@ -179,17 +181,16 @@ def choose_postprocessing(pred_folder, gt_folder, labels, file_ending: str, work
 
     before = score(Path(pred_folder), "none")
     base = before["foreground_mean"]["Dice"]
-    options = ([labels] if len(labels) > 1 else []) + [[c] for c in labels]
+    options = [[c] for c in labels] + ([labels] if len(labels) > 1 else [])
     trials, summaries = {}, {"": before}
     for classes in options:
         key = "_".join(map(str, classes))
         apply_postprocessing_folder(pred_folder, work / key, {"keep_largest_component": classes}, file_ending)
         summaries[key] = score(work / key, key)
         trials[key] = summaries[key]["foreground_mean"]["Dice"]
-    kept = labels if len(labels) > 1 and trials["_".join(map(str, labels))] > base + 1e-4 else \
-        [c for c in labels if trials[str(c)] > base + 1e-4]
+    kept = [c for c in labels if trials[str(c)] > base + 1e-4]
     key = "_".join(map(str, kept))
-    if key not in summaries:  # several classes, each helping alone but not all at once: score that combination
+    if key not in summaries:  # some of several classes: score that combination
         apply_postprocessing_folder(pred_folder, work / key, {"keep_largest_component": kept}, file_ending)
         summaries[key] = score(work / key, key)
     chosen = summaries[key]

@@ -4,8 +4,8 @@ and write the inference instructions.
 Every trained model folder (``TRAINER__PLANS__CONFIG``, any head or configuration) whose requested folds all have a
 final validation takes part. Their validation predictions are gathered into one cross-validation folder and
 evaluated together. Pairs of models whose validations were saved with probabilities (``samunet_train --npz``) are
-ensembled. Keep-largest-component post-processing is then tried on the best candidate, for all foreground classes
-at once and for each class alone, and kept where it raises the mean foreground Dice.
+ensembled. Keep-largest-component post-processing is then tried on the best candidate, for each foreground class
+alone (and all at once), and kept for the classes where it raises the mean foreground Dice.
 """
 from __future__ import annotations
 
