@@ -547,8 +547,11 @@ def markdown(report: dict) -> str:
                     f"(epochs of {b['nnunet']['iterations']} iterations x batch {b['nnunet']['batch_size']}, "
                     f"{b['nnunet']['val_iterations']} validation iterations per epoch, {NNUNET_TRAINER}); its own 2d "
                     "plans, preprocessing and augmentation; '(still rising)' marks a cell whose own moving-average "
-                    "pseudo-Dice set a new best in its last fifth of epochs; such a cell is trained again from "
-                    "scratch with 25% more epochs (the shorter run's Dice shown after it)")
+                    "pseudo-Dice set a new best in its last fifth of epochs; "
+                    + ("such a cell is not trained longer here (--nnunet_extensions 0)"
+                       if b["nnunet"].get("extensions", 1) == 0 else
+                       "such a cell is trained again from scratch with 25% more epochs (the shorter run's Dice shown "
+                       "after it)"))
     elif "nnunet" in b:
         text.append(f"- nnU-Net: {b['nnunet']['epochs']} x {b['nnunet']['iterations']} x "
                     f"{b['nnunet']['batch_size'] or 'plan'} ({NNUNET_TRAINER}, {b['nnunet']['val_iterations']} "
@@ -928,7 +931,9 @@ def main(argv=None):
         "budgets": {"heads": {**heads_b,
                               **({} if a.augmented_views is None else {"augmented_views": a.augmented_views}),
                               **({"pseudo_label_tta": True} if a.pseudo_label_tta else {})},
-                    "unet": unet_b, "pretrain": pre_b, **({"nnunet": nn_b} if nn else {})},
+                    "unet": unet_b, "pretrain": pre_b,
+                    **({"nnunet": {**nn_b, **({"extensions": a.nnunet_extensions} if a.plateau else {})}}
+                       if nn else {})},
         "samunet_plans": {"encoder": plans["encoder"]["name"], "encoder_input_size": cfg["encoder_input_size"],
                           "inplane_mode": cfg["inplane_mode"], "slice_axis": cfg["slice_axis"],
                           "unet": cfg.get("unet") or __import__("samunet.models.unet", fromlist=["x"]).canvas_block(
