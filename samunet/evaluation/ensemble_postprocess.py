@@ -165,7 +165,7 @@ def choose_postprocessing(pred_folder, gt_folder, labels, file_ending: str, work
     are several; it is kept for each class whose trial raises the mean foreground Dice against ``gt_folder`` by more
     than 1e-4. A class's Dice depends only on its own mask, so these per-class decisions together give the best of
     the combinations.
-    Trial folders and summaries go to ``work_folder``. Returns ``{"keep_largest_component": classes,
+    Each trial's folder (``work_folder/<classes>``) holds its ``summary.json``. Returns ``{"keep_largest_component": classes,
     "mean_foreground_dice_before", "mean_foreground_dice", "dice_per_class", "trials"}`` (``trials``: mean
     foreground Dice per trial, keyed by its classes joined with '_'), the last two for the chosen post-processing.
     """
@@ -175,24 +175,24 @@ def choose_postprocessing(pred_folder, gt_folder, labels, file_ending: str, work
     work = Path(work_folder)
     work.mkdir(parents=True, exist_ok=True)
 
-    def score(folder: Path, name: str) -> dict:
-        return evaluate_folder(gt_folder, folder, labels, file_ending, output_file=work / f"summary_{name}.json",
-                               chill=True, cases=cases)
+    def score(folder: Path, output_file: Path) -> dict:
+        return evaluate_folder(gt_folder, folder, labels, file_ending, output_file=output_file, chill=True,
+                               cases=cases)
 
-    before = score(Path(pred_folder), "none")
+    before = score(Path(pred_folder), work / "summary_as_predicted.json")
     base = before["foreground_mean"]["Dice"]
     options = [[c] for c in labels] + ([labels] if len(labels) > 1 else [])
     trials, summaries = {}, {"": before}
     for classes in options:
         key = "_".join(map(str, classes))
         apply_postprocessing_folder(pred_folder, work / key, {"keep_largest_component": classes}, file_ending)
-        summaries[key] = score(work / key, key)
+        summaries[key] = score(work / key, work / key / "summary.json")
         trials[key] = summaries[key]["foreground_mean"]["Dice"]
     kept = [c for c in labels if trials[str(c)] > base + 1e-4]
     key = "_".join(map(str, kept))
     if key not in summaries:  # some of several classes: score that combination
         apply_postprocessing_folder(pred_folder, work / key, {"keep_largest_component": kept}, file_ending)
-        summaries[key] = score(work / key, key)
+        summaries[key] = score(work / key, work / key / "summary.json")
     chosen = summaries[key]
     return {"keep_largest_component": kept, "mean_foreground_dice_before": base,
             "mean_foreground_dice": chosen["foreground_mean"]["Dice"],
