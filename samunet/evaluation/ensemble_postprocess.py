@@ -164,10 +164,11 @@ def choose_postprocessing(pred_folder, gt_folder, labels, file_ending: str, work
     Tried on ``pred_folder`` (not modified) for each foreground class alone, and for all of them at once when there
     are several; it is kept for each class whose trial raises the mean foreground Dice against ``gt_folder`` by more
     than 1e-4. A class's Dice depends only on its own mask, so these per-class decisions together give the best of
-    the combinations.
-    Each trial's folder (``work_folder/<classes>``) holds its ``summary.json``. Returns ``{"keep_largest_component": classes,
-    "mean_foreground_dice_before", "mean_foreground_dice", "dice_per_class", "trials"}`` (``trials``: mean
-    foreground Dice per trial, keyed by its classes joined with '_'), the last two for the chosen post-processing.
+    the combinations. Each trial's folder (``work_folder/<classes>``) holds its ``summary.json``.
+
+    Returns ``{"keep_largest_component": classes, "mean_foreground_dice_before", "mean_foreground_dice",
+    "dice_per_class", "trials"}`` (``trials``: mean foreground Dice per trial, keyed by its classes joined with '_'),
+    the Dice figures after the chosen post-processing.
     """
     from samunet.evaluation.evaluate import evaluate_folder
 
