@@ -53,7 +53,7 @@ def test_training_raises_dice_far_above_an_untrained_head(trained):
     # the hybrid head is the plans' default; without the cache the planner's head for uncached embeddings trains
     from samunet.training.trainer import Trainer
     assert Trainer(4, "2d", 0, num_labeled_cases=4).head_name == "hybrid"
-    assert Trainer(4, "2d", 0, num_labeled_cases=4, use_cache=False).head_name == "autosam"
+    assert Trainer(4, "2d", 0, num_labeled_cases=4, use_cache=False).head_name == "cnn"
 
 
 def test_encoder_weights_never_change_during_training(trained):
