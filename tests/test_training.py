@@ -470,3 +470,22 @@ def test_embedding_context_fuses_the_cached_embeddings_of_neighbouring_slices(tr
     a = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / f"{case}.nii.gz")))
     b = sitk.GetArrayFromImage(sitk.ReadImage(str(t.output / "validation" / f"{case}.nii.gz")))
     assert (a == b).mean() > 0.995
+
+
+def test_without_the_cache_the_fallback_head_learns_from_slices_encoded_on_the_fly(hippo20, tmp_path):
+    """``--no_cache`` (or a plan whose embeddings do not fit the disk): the plans' hybrid head needs the cache, so the
+    fallback head for embeddings computed on the fly (CNN) trains on augmented slices that the frozen encoder encodes
+    at every step, and its validation loss falls. (Prediction with the encoder on the fly: hippo_cli_prediction.)"""
+    from conftest import use_folders
+    from samunet.training.trainer import Trainer
+    with use_folders(hippo20, tmp_path):
+        t = Trainer(4, "2d", 0, num_labeled_cases=4, use_cache=False, epochs=3, iterations_per_epoch=10, batch_size=8)
+        t.initialize()
+        assert t.head_name == "cnn" and t.use_cache is False and t.encoder is not None
+        before, _ = t.validate_epoch()
+        train_losses = []
+        for t.epoch in range(3):
+            train_losses.append(t.train_epoch())
+        after, _ = t.validate_epoch()
+    print(f"on-the-fly cnn: validation loss {before:.3f} -> {after:.3f}, training losses {train_losses}")
+    assert after < before - 0.1 and train_losses[-1] < train_losses[0]
