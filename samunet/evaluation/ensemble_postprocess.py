@@ -158,13 +158,15 @@ def apply_postprocessing_folder(input_folder, output_folder, postprocessing: dic
     return len(files)
 
 
-def choose_postprocessing(pred_folder, gt_folder, labels, file_ending: str, work_folder, cases=None) -> dict:
+def choose_postprocessing(pred_folder, gt_folder, labels, file_ending: str, work_folder, cases=None,
+                          before: dict | None = None) -> dict:
     """Decide keep-largest-component post-processing from validation predictions, as nnU-Net's find-best does.
 
     Tried on ``pred_folder`` (not modified) for each foreground class alone, and for all of them at once when there
     are several; it is kept for each class whose trial raises the mean foreground Dice against ``gt_folder`` by more
     than 1e-4. A class's Dice depends only on its own mask, so these per-class decisions together give the best of
-    the combinations. Each trial's folder (``work_folder/<classes>``) holds its ``summary.json``.
+    the combinations. Each trial's folder (``work_folder/<classes>``) holds its ``summary.json``. ``before``: the
+    summary of ``pred_folder`` as predicted, when the caller has already evaluated it (not evaluated again).
 
     Returns ``{"keep_largest_component": classes, "mean_foreground_dice_before", "mean_foreground_dice",
     "dice_per_class", "trials"}`` (``trials``: mean foreground Dice per trial, keyed by its classes joined with '_'),
@@ -180,7 +182,8 @@ def choose_postprocessing(pred_folder, gt_folder, labels, file_ending: str, work
         return evaluate_folder(gt_folder, folder, labels, file_ending, output_file=output_file, chill=True,
                                cases=cases)
 
-    before = score(Path(pred_folder), work / "summary_as_predicted.json")
+    if before is None:
+        before = score(Path(pred_folder), work / "summary_as_predicted.json")
     base = before["foreground_mean"]["Dice"]
     options = [[c] for c in labels] + ([labels] if len(labels) > 1 else [])
     trials, summaries = {}, {"": before}
