@@ -56,25 +56,24 @@ def find_best_configuration(dataset, folds=(0, 1, 2, 3, 4), allow_ensembles: boo
     ending = dataset_json["file_ending"]
     labels = sorted(v for v in dataset_json["labels"].values() if v != 0)
     work = res / f"crossval_results_folds_{tag}"
-    results, folders, has_npz, summaries = {}, {}, {}, {}
+    has_npz, summaries = {}, {}  # each model's (or ensemble's) cross-validation predictions lie in work / key
+
+    def evaluate(key: str) -> None:
+        summaries[key] = evaluate_folder(gt, work / key, labels, ending, output_file=work / key / "summary.json",
+                                         chill=True)
+
     for key, model_dir in candidates.items():
-        out = work / key
         has_npz[key] = all(list((model_dir / f"fold_{f}" / "validation").glob("*.npz")) for f in folds)
-        _gather(model_dir, folds, out, ending, has_npz[key])
-        summaries[key] = evaluate_folder(gt, out, labels, ending, output_file=out / "summary.json", chill=True)
-        results[key] = summaries[key]["foreground_mean"]["Dice"]
-        folders[key] = out
+        _gather(model_dir, folds, work / key, ending, has_npz[key])
+        evaluate(key)
     if allow_ensembles:
         for a, b in itertools.combinations(sorted(k for k in candidates if has_npz[k]), 2):
             key = f"ensemble___{a}___{b}"
-            out = work / key
-            ensemble_folders([folders[a], folders[b]], out, ending)
-            summaries[key] = evaluate_folder(gt, out, labels, ending, output_file=out / "summary.json",
-                                             chill=True)
-            results[key] = summaries[key]["foreground_mean"]["Dice"]
-            folders[key] = out
+            ensemble_folders([work / a, work / b], work / key, ending)
+            evaluate(key)
+    results = {key: s["foreground_mean"]["Dice"] for key, s in summaries.items()}
     best = max(results, key=results.get)
-    choice = choose_postprocessing(folders[best], gt, labels, ending, work / f"postprocessing_{best}",
+    choice = choose_postprocessing(work / best, gt, labels, ending, work / f"postprocessing_{best}",
                                    before=summaries[best])  # the best folder is not evaluated a second time
     pp = {"keep_largest_component": choice["keep_largest_component"]}
     pp_classes, trials, final_dice = pp["keep_largest_component"], choice["trials"], choice["mean_foreground_dice"]
