@@ -376,10 +376,13 @@ def find_best_configuration_entry(argv=None):
     p.add_argument("dataset", help="data set id or name")
     p.add_argument("-f", nargs="+", default=["0", "1", "2", "3", "4"], help="folds to use (default 0 1 2 3 4)")
     p.add_argument("--disable_ensembling", action="store_true")
+    from samunet.evaluation.find_best import DEFAULT_MAX_ENSEMBLE_SIZE, find_best_configuration
+    p.add_argument("--max_ensemble_size", type=int, default=DEFAULT_MAX_ENSEMBLE_SIZE, metavar="K",
+                   help="ensembles of every 2 to K models with saved probabilities are tried "
+                        f"(default {DEFAULT_MAX_ENSEMBLE_SIZE}; 2: pairs only, as nnU-Net)")
     a = p.parse_args(argv)
     _setup_logging()
-    from samunet.evaluation.find_best import find_best_configuration
-    r = find_best_configuration(a.dataset, a.f, not a.disable_ensembling)
+    r = find_best_configuration(a.dataset, a.f, not a.disable_ensembling, a.max_ensemble_size)
     print(f"best: {r['best']} (foreground Dice {r['best_foreground_dice']:.4f}); instructions in "
           f"samunet_results/{r['dataset']}/inference_instructions.txt")
 

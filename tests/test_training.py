@@ -175,8 +175,9 @@ def _read(path: Path) -> np.ndarray:
 
 
 def test_find_best_configuration_ensembles_postprocesses_and_its_instructions_work(trained, hippo_env, tmp_path):
-    """Two trained heads with saved validation probabilities: find_best evaluates each, their ensemble and
-    keep-largest-component, and the inference instructions it writes reproduce the chosen result when run."""
+    """Three trained heads with saved validation probabilities: find_best evaluates each, every pair and the three
+    together, and keep-largest-component, and the inference instructions it writes reproduce the chosen result when
+    run."""
     from samunet.training.trainer import run_training
     t, _ = trained
     res = hippo_env / "samunet_results" / NAME
@@ -184,8 +185,12 @@ def test_find_best_configuration_ensembles_postprocesses_and_its_instructions_wo
                  save_probabilities=True)
     run_training(4, "2d", 0, head="hybrid", num_labeled_cases=4, validation_only=True, save_probabilities=True,
                  batch_size=8, augmented_views=0)
+    run_training(4, "2d", 0, head="linear", epochs=1, iterations_per_epoch=5, num_labeled_cases=4, batch_size=8,
+                 save_probabilities=True)
     a, b = "samunetTrainer_hybrid_n4__samunetPlans__2d", "samunetTrainer_cnn_n4__samunetPlans__2d"
+    c = "samunetTrainer_linear_n4__samunetPlans__2d"
     val_a, val_b = res / a / "fold_0" / "validation", res / b / "fold_0" / "validation"
+    val_c = res / c / "fold_0" / "validation"
     # final validation resumes per case: after a case's output is lost, a rerun predicts that case alone
     summary = json.loads((val_a / "summary.json").read_text())
     lost, kept = t.val_ids[0], t.val_ids[1:]
@@ -200,19 +205,24 @@ def test_find_best_configuration_ensembles_postprocesses_and_its_instructions_wo
     r = run_entry("find_best_configuration_entry", "4", "-f", "0")
     assert r.returncode == 0, r.stderr
     info = json.loads((res / "inference_information.json").read_text())
-    ens = f"ensemble___{b}___{a}"  # the pair in sorted order
-    assert {a, b, ens} <= set(info["results"])
+    ens = f"ensemble___{b}___{a}"  # members in sorted order
+    triple = f"ensemble___{b}___{a}___{c}"
+    assert set(info["results"]) == {a, b, c, ens, f"ensemble___{b}___{c}", f"ensemble___{a}___{c}", triple}
     # with one fold the cross-validation Dice of a model is its fold's final validation Dice
     for key, val in ((a, val_a), (b, val_b)):
         expected = json.loads((val / "summary.json").read_text())["foreground_mean"]["Dice"]
         assert info["results"][key] == pytest.approx(expected, abs=1e-9)
     assert info["best"] == max(info["results"], key=info["results"].get)
-    # the ensemble is the arg-max of the averaged probabilities, case by case
+    # an ensemble is the arg-max of its members' averaged probabilities, case by case
     ens_folder = res / "crossval_results_folds_0" / ens
-    for case in t.val_ids:
-        with np.load(val_a / f"{case}.npz") as za, np.load(val_b / f"{case}.npz") as zb:
-            mean = za["probabilities"].astype(np.float32) + zb["probabilities"].astype(np.float32)
-        assert np.array_equal(_read(ens_folder / f"{case}.nii.gz"), mean.argmax(0)), case
+    for key, members in ((ens, (val_a, val_b)), (triple, (val_a, val_b, val_c))):
+        for case in t.val_ids:
+            total = 0
+            for val in members:
+                with np.load(val / f"{case}.npz") as z:
+                    total = total + z["probabilities"].astype(np.float32)
+            assert np.array_equal(_read(res / "crossval_results_folds_0" / key / f"{case}.nii.gz"),
+                                  total.argmax(0)), (key, case)
     # post-processing: each foreground class alone (and all together); kept only where it helps
     trials = info["postprocessing_trials"]
     assert set(trials) == {"1_2", "1", "2"}
@@ -253,6 +263,23 @@ def test_find_best_configuration_ensembles_postprocesses_and_its_instructions_wo
     want = _recorded_dice(chosen / "summary.json", cases)
     assert _evaluate_cli(cases, final, tmp_path / "gt") == pytest.approx(want, abs=0.01)
 
+
+
+def test_find_best_instructions_name_every_member_of_an_ensemble_and_refuse_a_size_below_two():
+    from samunet.evaluation.find_best import _instructions, ensemble_key, ensemble_members
+    members = [f"samunetTrainer_{h}_n1__samunetPlans__2d" for h in ("cnn", "hybrid", "linear")]
+    assert ensemble_members(ensemble_key(members)) == members and ensemble_members(members[0]) == []
+    text = _instructions(NAME, ensemble_key(members), ["0"], {"keep_largest_component": [1]})
+    lines = [line for line in text.splitlines() if line.startswith("samunet_")]
+    assert len(lines) == 5, text  # one prediction per member, the ensemble, the post-processing
+    for i, m in enumerate(members, 1):
+        assert f"-o OUTPUT_FOLDER_MODEL_{i} -m $samunet_results/{NAME}/{m} -f 0 --save_probabilities" in lines[i - 1]
+    assert lines[3] == "samunet_ensemble -i OUTPUT_FOLDER_MODEL_1 OUTPUT_FOLDER_MODEL_2 OUTPUT_FOLDER_MODEL_3 " \
+                       "-o OUTPUT_FOLDER"
+    assert lines[4].startswith("samunet_apply_postprocessing -i OUTPUT_FOLDER -o OUTPUT_FOLDER_PP")
+    r = run_entry("find_best_configuration_entry", "4", "-f", "0", "--max_ensemble_size", "1")
+    assert r.returncode == 1 and "error: --max_ensemble_size 1: an ensemble averages at least 2" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
 
 def test_apply_postprocessing_removes_stray_components_only(trained, hippo_env, tmp_path):
     t, _ = trained

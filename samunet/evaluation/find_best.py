@@ -3,9 +3,12 @@ and write the inference instructions.
 
 Every trained model folder (``TRAINER__PLANS__CONFIG``, any head or configuration) whose requested folds all have a
 final validation takes part. Their validation predictions are gathered into one cross-validation folder and
-evaluated together. Pairs of models whose validations were saved with probabilities (``samunet_train --npz``) are
-ensembled. Keep-largest-component post-processing is then tried on the best candidate, for each foreground class
-alone (and all at once), and kept for the classes where it raises the mean foreground Dice.
+evaluated together. Models whose validations were saved with probabilities (``samunet_train --npz``) are
+ensembled: every pair, as nnU-Net does, and every larger group up to ``max_ensemble_size`` (default
+``DEFAULT_MAX_ENSEMBLE_SIZE``: with one labelled Hippocampus case three heads averaged beat every single model and
+every pair, see ``benchmarks/results/plateau_ensembles_004_fold0.md``). Keep-largest-component post-processing is
+then tried on the best candidate, for each foreground class alone (and all at once), and kept for the classes where
+it raises the mean foreground Dice.
 """
 from __future__ import annotations
 
@@ -21,6 +24,9 @@ from samunet.utils import SamunetError, load_json, save_json
 
 logger = logging.getLogger("samunet")
 
+DEFAULT_MAX_ENSEMBLE_SIZE = 3
+ENSEMBLE_PREFIX, SEP = "ensemble", "___"
+
 
 def _gather(model_dir: Path, folds, out: Path, ending: str, with_npz: bool) -> bool:
     out.mkdir(parents=True, exist_ok=True)
@@ -34,7 +40,21 @@ def _gather(model_dir: Path, folds, out: Path, ending: str, with_npz: bool) -> b
     return True
 
 
-def find_best_configuration(dataset, folds=(0, 1, 2, 3, 4), allow_ensembles: bool = True) -> dict:
+def ensemble_key(members) -> str:
+    return SEP.join([ENSEMBLE_PREFIX, *members])
+
+
+def ensemble_members(key: str) -> list[str]:
+    """The model folders an ``ensemble___A___B[___C...]`` key averages ([] for a single model)."""
+    parts = key.split(SEP)
+    return parts[1:] if parts[0] == ENSEMBLE_PREFIX else []
+
+
+def find_best_configuration(dataset, folds=(0, 1, 2, 3, 4), allow_ensembles: bool = True,
+                            max_ensemble_size: int = DEFAULT_MAX_ENSEMBLE_SIZE) -> dict:
+    if allow_ensembles and max_ensemble_size < 2:
+        raise SamunetError(f"--max_ensemble_size {max_ensemble_size}: an ensemble averages at least 2 models "
+                           "(use --disable_ensembling for none)")
     name = resolve_dataset_name(dataset)
     res = results_folder() / name
     gt = preprocessed_folder() / name / "gt_segmentations"
@@ -66,10 +86,11 @@ def find_best_configuration(dataset, folds=(0, 1, 2, 3, 4), allow_ensembles: boo
         has_npz[key] = all(list((model_dir / f"fold_{f}" / "validation").glob("*.npz")) for f in folds)
         _gather(model_dir, folds, work / key, ending, has_npz[key])
         evaluate(key)
-    if allow_ensembles:
-        for a, b in itertools.combinations(sorted(k for k in candidates if has_npz[k]), 2):
-            key = f"ensemble___{a}___{b}"
-            ensemble_folders([work / a, work / b], work / key, ending)
+    with_npz = sorted(k for k in candidates if has_npz[k]) if allow_ensembles else []
+    for size in range(2, min(max_ensemble_size, len(with_npz)) + 1):
+        for members in itertools.combinations(with_npz, size):
+            key = ensemble_key(members)
+            ensemble_folders([work / m for m in members], work / key, ending)
             evaluate(key)
     results = {key: s["foreground_mean"]["Dice"] for key, s in summaries.items()}
     best = max(results, key=results.get)
@@ -82,32 +103,30 @@ def find_best_configuration(dataset, folds=(0, 1, 2, 3, 4), allow_ensembles: boo
                "foreground_dice_after_postprocessing": final_dice}
     save_json(summary, res / "inference_information.json")
     save_json(pp, res / "postprocessing.json")
-    (res / "inference_instructions.txt").write_text(_instructions(name, best, folds, pp, has_npz), encoding="utf-8")
+    (res / "inference_instructions.txt").write_text(_instructions(name, best, folds, pp), encoding="utf-8")
     logger.info("best: %s (cross-validation foreground Dice %.4f%s)", best, results[best],
                 f", {final_dice:.4f} with post-processing" if pp_classes else "")
     return summary
 
 
 def _predict_cmd(name: str, model_key: str, folds, out: str, npz: bool) -> str:
-    trainer, plans, config = model_key.split("__")
     return (f"samunet_predict_from_modelfolder -i INPUT_FOLDER -o {out} -m $samunet_results/{name}/{model_key} "
             f"-f {' '.join(folds)}" + (" --save_probabilities" if npz else ""))
 
 
-def _instructions(name: str, best: str, folds, pp: dict, has_npz: dict) -> str:
+def _instructions(name: str, best: str, folds, pp: dict) -> str:
     lines = [f"Inference instructions for {name} (from samunet_find_best_configuration)", ""]
-    final_folder = "OUTPUT_FOLDER"
-    if best.startswith("ensemble___"):
-        a, b = best[len("ensemble___"):].split("___")
-        lines += ["Predict with both models, keeping probabilities, then ensemble:",
-                  _predict_cmd(name, a, folds, "OUTPUT_FOLDER_MODEL_1", True),
-                  _predict_cmd(name, b, folds, "OUTPUT_FOLDER_MODEL_2", True),
-                  "samunet_ensemble -i OUTPUT_FOLDER_MODEL_1 OUTPUT_FOLDER_MODEL_2 -o OUTPUT_FOLDER"]
+    members = ensemble_members(best)
+    if members:
+        outputs = [f"OUTPUT_FOLDER_MODEL_{i}" for i in range(1, len(members) + 1)]
+        lines += [f"Predict with the {len(members)} models, keeping probabilities, then ensemble:",
+                  *(_predict_cmd(name, m, folds, o, True) for m, o in zip(members, outputs)),
+                  f"samunet_ensemble -i {' '.join(outputs)} -o OUTPUT_FOLDER"]
     else:
         lines += ["Predict:", _predict_cmd(name, best, folds, "OUTPUT_FOLDER", False)]
     if pp.get("keep_largest_component"):
         lines += ["", "Then post-process (keep the largest component of classes "
                   f"{pp['keep_largest_component']}):",
-                  f"samunet_apply_postprocessing -i {final_folder} -o OUTPUT_FOLDER_PP "
+                  f"samunet_apply_postprocessing -i OUTPUT_FOLDER -o OUTPUT_FOLDER_PP "
                   f"-pp_pkl_file $samunet_results/{name}/postprocessing.json"]
     return "\n".join(lines) + "\n"
