@@ -281,7 +281,8 @@ def samunet_cell(a, method: str, n: str, expected_train: list[str], val: list[st
     cmd = console("samunet_train") + [str(a.dataset), config, str(a.fold), "--head", head, "--epochs",
                                       str(budget["epochs"]), "--iterations_per_epoch", str(budget["iterations"]),
                                       "--batch_size", str(budget["batch_size"]), "--device", a.device,
-                                      "--patience", str(budget.get("patience", 0))]
+                                      "--patience", str(budget.get("patience", 0)),
+                                      "--npz"]  # validation probabilities: plateau_ensembles.py ensembles the cells
     if num is not None:
         cmd += ["--num_labeled_cases", str(num)]
     if student:
