@@ -204,6 +204,7 @@ def test_find_best_configuration_ensembles_postprocesses_and_its_instructions_wo
 
     r = run_entry("find_best_configuration_entry", "4", "-f", "0")
     assert r.returncode == 0, r.stderr
+    assert "predictions are missing" not in r.stderr  # fold 0's cases are scored, the other folds' are not missed
     info = json.loads((res / "inference_information.json").read_text())
     ens = f"ensemble___{b}___{a}"  # members in sorted order
     triple = f"ensemble___{b}___{a}___{c}"

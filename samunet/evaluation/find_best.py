@@ -40,6 +40,19 @@ def _gather(model_dir: Path, folds, out: Path, ending: str, with_npz: bool) -> b
     return True
 
 
+def _fold_cases(pp_dataset: Path, folds) -> list[str] | None:
+    """The validation cases of ``folds`` (``splits_final.json``): what the cross-validation folder holds and is
+    scored on; None where the splits do not name them (every reference with a prediction is then scored)."""
+    splits_file = pp_dataset / "splits_final.json"
+    if not splits_file.is_file():
+        return None
+    splits = load_json(splits_file)
+    try:
+        return sorted({c for f in folds for c in splits[int(f)]["val"]})
+    except (ValueError, IndexError, KeyError, TypeError):
+        return None
+
+
 def ensemble_key(members) -> str:
     return SEP.join([ENSEMBLE_PREFIX, *members])
 
@@ -78,9 +91,11 @@ def find_best_configuration(dataset, folds=(0, 1, 2, 3, 4), allow_ensembles: boo
     work = res / f"crossval_results_folds_{tag}"
     has_npz, summaries = {}, {}  # each model's (or ensemble's) cross-validation predictions lie in work / key
 
+    cases = _fold_cases(gt.parent, folds)  # with some folds only, the others' references are not missed
+
     def evaluate(key: str) -> None:
         summaries[key] = evaluate_folder(gt, work / key, labels, ending, output_file=work / key / "summary.json",
-                                         chill=True)
+                                         chill=True, cases=cases)
 
     for key, model_dir in candidates.items():
         has_npz[key] = all(list((model_dir / f"fold_{f}" / "validation").glob("*.npz")) for f in folds)
@@ -94,7 +109,7 @@ def find_best_configuration(dataset, folds=(0, 1, 2, 3, 4), allow_ensembles: boo
             evaluate(key)
     results = {key: s["foreground_mean"]["Dice"] for key, s in summaries.items()}
     best = max(results, key=results.get)
-    choice = choose_postprocessing(work / best, gt, labels, ending, work / f"postprocessing_{best}",
+    choice = choose_postprocessing(work / best, gt, labels, ending, work / f"postprocessing_{best}", cases=cases,
                                    before=summaries[best])  # the best folder is not evaluated a second time
     pp = {"keep_largest_component": choice["keep_largest_component"]}
     pp_classes, trials, final_dice = pp["keep_largest_component"], choice["trials"], choice["mean_foreground_dice"]
