@@ -32,7 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from plateau_ensembles import short  # the benchmarks folder is the script's own
+from label_efficiency import evaluate as evaluate_cases  # the benchmarks folder is the script's own
+from plateau_ensembles import short
+from samunet.evaluation.find_best import ensemble_key
 
 HERE = Path(__file__).resolve().parent
 
@@ -102,13 +104,12 @@ def predict_nnunet(a, cases: list[str], raw: Path, work: Path) -> dict:
     return {"mirroring_tta": True, "predicted_now": len(todo), "seconds_now": round(time.time() - t0, 1)}
 
 
-def evaluate(raw: Path, pred: Path, out: Path) -> dict:
-    cmd = [str(Path(sys.executable).parent / "samunet_evaluate_folder"), str(raw / "labelsTr"), str(pred),
-           "-djfile", str(raw / "dataset.json"), "-o", str(out), "--chill"]
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
-    s = json.loads(out.read_text())
-    return {"mean_foreground_dice": s["foreground_mean"]["Dice"],
-            "dice_per_class": {k: v["Dice"] for k, v in s["mean"].items()}}
+def evaluate(raw: Path, pred: Path, cases: list[str], out: Path) -> dict:
+    """Scores of the predictions of ``cases`` in ``pred`` (label_efficiency's evaluation, which checks the folder
+    holds exactly those cases), without the summary's path: the report carries no machine's paths."""
+    ending = json.loads((raw / "dataset.json").read_text())["file_ending"]
+    scores = evaluate_cases(raw, pred, cases, ending, out)
+    return {k: v for k, v in scores.items() if k != "summary"}
 
 
 def main(argv=None):
@@ -137,19 +138,19 @@ def main(argv=None):
     runs, scores = {}, {}
     for m in models:
         runs[m.name] = predict_samunet(m, a.fold, cases, pp, work / m.name)
-        scores[m.name] = evaluate(raw, work / m.name, work / f"{m.name}.json")
+        scores[m.name] = evaluate(raw, work / m.name, cases, work / f"{m.name}.json")
         print(f"{m.name}: {scores[m.name]['mean_foreground_dice']:.4f}", flush=True)
     for size in range(2, min(a.max_ensemble_size, len(models)) + 1):
         for members in itertools.combinations(sorted(m.name for m in models), size):
-            key = "ensemble___" + "___".join(members)
+            key = ensemble_key(members)
             folder = work / key
             subprocess.run([str(Path(sys.executable).parent / "samunet_ensemble"), "-i",
                             *(str(work / m) for m in members), "-o", str(folder)], check=True, capture_output=True)
-            scores[key] = evaluate(raw, folder, work / f"{key}.json")
+            scores[key] = evaluate(raw, folder, cases, work / f"{key}.json")
             print(f"{key}: {scores[key]['mean_foreground_dice']:.4f}", flush=True)
     if a.nnunet_model:
         runs["nnunet"] = predict_nnunet(a, cases, raw, work)
-        scores["nnunet"] = evaluate(raw, work / "nnunet", work / "nnunet.json")
+        scores["nnunet"] = evaluate(raw, work / "nnunet", cases, work / "nnunet.json")
         print(f"nnunet: {scores['nnunet']['mean_foreground_dice']:.4f}", flush=True)
     for spec in a.postprocess:
         key, _, classes = spec.partition("=")
@@ -159,8 +160,9 @@ def main(argv=None):
         rule.write_text(json.dumps({"keep_largest_component": [int(c) for c in classes.split(",") if c]}))
         subprocess.run([str(Path(sys.executable).parent / "samunet_apply_postprocessing"), "-i", str(work / key),
                         "-o", str(work / f"{key}_pp"), "-pp_pkl_file", str(rule)], check=True, capture_output=True)
-        scores[f"{key} post-processed ({classes})"] = evaluate(raw, work / f"{key}_pp", work / f"{key}_pp_summary.json")
-        print(f"{key} post-processed: {scores[f'{key} post-processed ({classes})']['mean_foreground_dice']:.4f}")
+        shown = f"{key} post-processed ({classes})"
+        scores[shown] = evaluate(raw, work / f"{key}_pp", cases, work / f"{key}_pp_summary.json")
+        print(f"{shown}: {scores[shown]['mean_foreground_dice']:.4f}")
     given = argv if argv is not None else sys.argv[1:]
     shown = [Path(x).name if os.sep in x else x for x in given]  # folder names only: no machine's paths
     report = {"dataset": name, "fold": a.fold, "cases": cases, "seed": a.seed,

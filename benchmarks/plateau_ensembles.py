@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from samunet.evaluation.find_best import ensemble_members
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -114,9 +116,8 @@ def run_column(a, name: str, column: str, roots: list[Path], work: Path) -> dict
 
 def short(key: str) -> str:
     """'ensemble___samunetTrainer_cnn_n1__samunetPlans__2d___...' -> 'cnn (2d) + ...'."""
-    parts = key.split("___")[1:] if key.startswith("ensemble___") else [key]
     out = []
-    for p in parts:
+    for p in ensemble_members(key) or [key]:
         trainer, _, config = p.split("__")
         head = re.sub(r"_n\d+$", "", trainer[len("samunetTrainer_"):])
         out.append(f"{head} ({config})")
