@@ -59,9 +59,10 @@ PLATEAU_EVIDENCE = ("in the plateau study (benchmarks/results/label_efficiency_0
                     "mean foreground Dice with 1 / 5 labelled cases, the heads on the embedding alone 0.506 / 0.701 "
                     "(AutoSAM) and 0.629 / 0.757 (CNN), with 20 cases 0.851 against 0.794 / 0.824, the hybrid head on "
                     "the embeddings of slices s-1, s, s+1 0.668 with 1 (64 views, against 0.697 for the 2d hybrid head "
-                    "with 64), 0.797 with 5 (against 0.803-0.805) and 0.850 with 20 (against 0.851); find-best's "
-                    "ensembles (--npz) reached 0.709 with 1 case (2d hybrid + s-1, s, s+1 hybrid + CNN), 0.855 with "
-                    "20 (s-1, s, s+1 hybrid + CNN + U-Net) and 0.881 with all (hybrid + CNN) "
+                    "with 64), 0.797 with 5 (against 0.803-0.805), 0.850 with 20 (against 0.851) and 0.878 with all "
+                    "(against 0.876); find-best's ensembles (--npz) reached 0.709 with 1 case (2d hybrid + s-1, s, "
+                    "s+1 hybrid + CNN), 0.855 with 20 (s-1, s, s+1 hybrid + CNN + U-Net) and 0.884 with all (s-1, s, "
+                    "s+1 hybrid + CNN) "
                     "(benchmarks/results/plateau_ensembles_004_fold0.md); at equal short budgets (100 x 8, "
                     "not converged) the hybrid head was also ahead on DRIVE (0.756 against 0.557, 4 labelled images) "
                     "and ISBI EM (0.930 against 0.918)")
