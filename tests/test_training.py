@@ -265,7 +265,6 @@ def test_find_best_configuration_ensembles_postprocesses_and_its_instructions_wo
     assert _evaluate_cli(cases, final, tmp_path / "gt") == pytest.approx(want, abs=0.01)
 
 
-
 def test_find_best_instructions_name_every_member_of_an_ensemble_and_refuse_a_size_below_two():
     from samunet.evaluation.find_best import _instructions, ensemble_key, ensemble_members
     members = [f"samunetTrainer_{h}_n1__samunetPlans__2d" for h in ("cnn", "hybrid", "linear")]
@@ -281,6 +280,7 @@ def test_find_best_instructions_name_every_member_of_an_ensemble_and_refuse_a_si
     r = run_entry("find_best_configuration_entry", "4", "-f", "0", "--max_ensemble_size", "1")
     assert r.returncode == 1 and "error: --max_ensemble_size 1: an ensemble averages at least 2" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
 
 def test_apply_postprocessing_removes_stray_components_only(trained, hippo_env, tmp_path):
     t, _ = trained
