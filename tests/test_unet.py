@@ -37,6 +37,45 @@ def test_unet_block_follows_the_nnunet_rule_for_128_px():
         assert m(torch.rand(2, 3, 128, 128)).shape == (2, 3, 128, 128)
 
 
+def test_deep_supervision_trains_every_decoder_stage_and_predicts_one_map():
+    """The network blocks' ``deep_supervision``: in training the U-Net and the hybrid head give the logits of every
+    decoder stage (highest resolution first) and the loss weighs them as nnU-Net does against the downsampled
+    label; in evaluation one full-size map, the same weights as without it (checkpoints load either way)."""
+    from samunet.models.hybrid import build_hybrid
+    from samunet.models.encoders import build_encoder
+    from samunet.models.unet import build_unet, unet_block
+    from samunet.training.losses import deep_supervision_weights, dice_ce_loss, segmentation_loss
+    assert deep_supervision_weights(4) == pytest.approx([4 / 7, 2 / 7, 1 / 7, 0.0])
+    block = {**unet_block([32, 32]), "canvas_size": 32, "deep_supervision": True}
+    target = torch.zeros(2, 32, 32, dtype=torch.long)
+    target[:, 8:24, 8:20] = 1
+    target[:, :, 28:] = -1  # padding stays ignored at every scale
+    torch.manual_seed(0)
+    enc = build_encoder("test_tiny", input_size=32)
+    for model, args in ((build_unet(block, 3, 2), (torch.rand(2, 3, 32, 32),)),
+                        (build_hybrid(block, enc, 2), (torch.rand(2, enc.embed_dim, enc.grid_size, enc.grid_size),
+                                                       torch.rand(2, 3, 32, 32)))):
+        model.train()
+        outs = model(*args)
+        assert [o.shape[-1] for o in outs] == [32 // 2 ** i for i in range(len(outs))] and len(outs) >= 3
+        loss = segmentation_loss(outs, target)
+        down = [torch.nn.functional.interpolate(target[:, None].float(), size=o.shape[-1], mode="nearest-exact")
+                [:, 0].long() for o in outs]
+        assert (down[1][:, :, 14:] == -1).all() and (down[1][:, 4:12, 4:10] == 1).all()
+        w = deep_supervision_weights(len(outs))
+        assert w[-1] == 0 and loss.item() == pytest.approx(
+            sum(wi * dice_ce_loss(o, t).item() for wi, o, t in zip(w, outs, down)), rel=1e-5)
+        loss.backward()
+        model.eval()
+        with torch.no_grad():
+            full = model(*args)
+        assert isinstance(full, torch.Tensor) and full.shape == (2, 2, 32, 32)
+        assert torch.allclose(full, outs[0].detach(), atol=1e-5)  # the same network, its top output
+        plain = build_unet(block | {"deep_supervision": False}, 3, 2) if hasattr(model, "net") else \
+            build_hybrid(block | {"deep_supervision": False}, enc, 2)
+        plain.load_state_dict(model.state_dict())
+
+
 @pytest.fixture(scope="module")
 def unet_run(tmp_path_factory):
     """8 real Hippocampus cases; a short from-scratch U-Net training of fold 0 (no encoder anywhere)."""

@@ -99,6 +99,7 @@ class HybridHead(nn.Module):
                                               n_conv_per_stage=a["n_conv_per_stage"], return_skips=True, **conv_kw)
         self.decoder = UNetDecoder(self.image_encoder, self.num_classes, a["n_conv_per_stage_decoder"],
                                    deep_supervision=False)
+        self.deep_supervision = bool(a.get("deep_supervision", False))  # training only: see forward
         self.image_encoder.apply(_init_weights)
         self.decoder.apply(_init_weights)
         # SAM feature levels: (channels, side of the map covering the canvas) at g, 2g, 4g
@@ -123,7 +124,9 @@ class HybridHead(nn.Module):
         full = up[4](up[3](half)) if deepest >= 2 else None      # (B, D/8, 4g, 4g)
         return [x, half, full]
 
-    def forward(self, embeddings: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, embeddings: torch.Tensor, images: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """Logits (B, num_classes, Q, Q); in training with the block's ``deep_supervision``, a list of the logits
+        of every decoder stage, Q x Q first, each half the size of the one before (nnU-Net's deep supervision)."""
         want_e = (self.embed_dim * self.embedding_multiplier, self.grid_size, self.grid_size)
         want_i = (self.in_channels, self.input_size, self.input_size)
         if embeddings.ndim != 4 or tuple(embeddings.shape[1:]) != want_e or images.ndim != 4 \
@@ -144,6 +147,7 @@ class HybridHead(nn.Module):
                                     **({} if mode == "area" else {"align_corners": False}))
             x = x + self.inject[k](src)
             skips.append(x)
+        self.decoder.deep_supervision = self.deep_supervision and self.training
         return self.decoder(skips)
 
 

@@ -102,11 +102,15 @@ class UNetModel(nn.Module):
             norm_op=nn.InstanceNorm2d, norm_op_kwargs={"eps": 1e-5, "affine": True},
             nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True}, deep_supervision=False)
         self.net.apply(_init_weights)
+        self.deep_supervision = bool(a.get("deep_supervision", False))  # training only: see forward
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """Logits (B, num_classes, Q, Q); in training with the block's ``deep_supervision``, those of every
+        decoder stage, highest resolution first."""
         if images.ndim != 4 or images.shape[1] != self.in_channels:
             raise ValueError(f"UNetModel expects images of shape (B, {self.in_channels}, P, P), "
                              f"got {tuple(images.shape)}")
+        self.net.decoder.deep_supervision = self.deep_supervision and self.training
         return self.net(images)
 
 

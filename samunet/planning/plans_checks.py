@@ -168,11 +168,12 @@ def _check_network_block(where: str, block, fail, warn) -> None:
         "n_conv_per_stage_decoder": _positive_ints(n - 1),  # one per decoder stage
         "feature_map_sizes": (_pairs(n), f"not a list of {n} [y, x] pairs of integers >= 1"),
         "canvas_size": _int_at_least(16),
+        "deep_supervision": (lambda v: isinstance(v, bool), "not true or false"),
     }
     for key, (test, expected) in rules.items():
         if key in block and not test(block[key]):
             fail(f"{where}.{key} is {block[key]!r}, {expected}")
-        if key not in block and key not in ("feature_map_sizes", "canvas_size"):
+        if key not in block and key not in ("feature_map_sizes", "canvas_size", "deep_supervision"):
             fail(f"{where}.{key} is missing")
     if "canvas_size" in block and "feature_map_sizes" in block:
         side = [block["canvas_size"]] * 2

@@ -1,4 +1,4 @@
-"""Dice + cross-entropy, as nnU-Net trains, with an ignore value for padding."""
+"""Dice + cross-entropy, as nnU-Net trains, with an ignore value for padding, and its deep supervision."""
 from __future__ import annotations
 
 import torch
@@ -22,6 +22,30 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1
 def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     ce = F.cross_entropy(logits.float(), target, ignore_index=IGNORE)
     return ce + soft_dice_loss(logits, target)
+
+
+def deep_supervision_weights(n: int) -> list[float]:
+    """nnU-Net's weights for ``n`` outputs, highest resolution first: 1/2^i, the lowest left out, summing to 1."""
+    w = [0.5 ** i for i in range(n)]
+    if n > 1:
+        w[-1] = 0.0
+    return [x / sum(w) for x in w]
+
+
+def segmentation_loss(outputs, target: torch.Tensor) -> torch.Tensor:
+    """Dice + cross-entropy of ``logits`` (B, K, Y, X), or of a deep-supervision list of them (highest resolution
+    first, each half the size of the one before), against ``target`` (B, Y, X): each output against the target
+    downsampled to its size by nearest neighbour (padding stays ``IGNORE``), weighted as nnU-Net weights them."""
+    if isinstance(outputs, torch.Tensor):
+        return dice_ce_loss(outputs, target)
+    total = 0.0
+    for w, logits in zip(deep_supervision_weights(len(outputs)), outputs):
+        if w == 0:
+            continue
+        t = target if logits.shape[-2:] == target.shape[-2:] else \
+            F.interpolate(target[:, None].float(), size=logits.shape[-2:], mode="nearest-exact")[:, 0].long()
+        total = total + w * dice_ce_loss(logits, t)
+    return total
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ from samunet.training.distributed import init_distributed, shard
 from samunet.training.scale_out import ScaleOut
 from samunet.models.specs import HEADS, HYBRID_HEADS, IMAGE_MODELS, get_encoder_spec, uncached_head
 from samunet.training.loop import EpochLoop
-from samunet.training.losses import confusion_counts, dice_ce_loss
+from samunet.training.losses import confusion_counts, dice_ce_loss, segmentation_loss
 from samunet.training.progress import TextLog, new_log
 from samunet.training.self_training import check_student_options
 from samunet.training.splits import get_split, labeled_subset
@@ -304,13 +304,14 @@ class Trainer(EpochLoop, ScaleOut):
         return float(total[0] / total[1])
 
     def _loss(self, batch: dict) -> torch.Tensor:
-        """The training loss of one batch (Dice + cross-entropy against the labels)."""
+        """The training loss of one batch (Dice + cross-entropy against the labels, at every decoder resolution
+        for a model with deep supervision)."""
         emb, *rest = self._inputs(batch)
         if self.use_cache:  # feature-space regularisation, valid on cached embeddings
             emb = F.dropout2d(emb, 0.1) + 0.05 * emb.std() * torch.randn_like(emb)
         target = batch["target"].to(self.device)
         with self._autocast():
-            return dice_ce_loss(self.train_head(emb, *rest), target)
+            return segmentation_loss(self.train_head(emb, *rest), target)
 
     @torch.no_grad()
     def validate_epoch(self) -> tuple[float, list[float]]:
