@@ -69,6 +69,13 @@ def test_hippocampus_cli_plans_preprocesses_and_resumes(samunet_dirs, caplog, mo
     with pytest.raises(SamunetError, match=r"plans.json: configurations.2d.hybrid.feature_map_sizes\[0\] is \[64, "
                                            r"64\], but a 48 px canvas through strides \[\[1, 1\]\] gives \[48, 48\]"):
         check_plans(edited, "plans.json")
+    edited = json.loads(json.dumps(plans))
+    edited["configurations"]["2d"]["unet"]["deep_supervision"] = True  # an option of either network block
+    check_plans(edited, "plans.json")
+    edited["configurations"]["2d"]["hybrid"]["deep_supervision"] = "yes"
+    with pytest.raises(SamunetError, match="plans.json: configurations.2d.hybrid.deep_supervision is 'yes', not true "
+                                           "or false"):
+        check_plans(edited, "plans.json")
     assert plans["configurations"]["2.5d"]["channel_rule"]["type"] == "neighbour_slices"
     assert plans["configurations"]["2.5d"]["data_identifier"] == cfg["data_identifier"]
     emb = plans["configurations"]["2.5d_emb"]
