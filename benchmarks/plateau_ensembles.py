@@ -115,12 +115,13 @@ def run_column(a, name: str, column: str, roots: list[Path], work: Path) -> dict
 
 
 def short(key: str) -> str:
-    """'ensemble___samunetTrainer_cnn_n1__samunetPlans__2d___...' -> 'cnn (2d) + ...'."""
+    """'ensemble___samunetTrainer_cnn_n1__samunetPlans__2d___...' -> 'cnn (2d) + ...'; a plans variant is named
+    ('hybrid (2d, samunetPlansDS)')."""
     out = []
     for p in ensemble_members(key) or [key]:
-        trainer, _, config = p.split("__")
+        trainer, plans, config = p.split("__")
         head = re.sub(r"_n\d+$", "", trainer[len("samunetTrainer_"):])
-        out.append(f"{head} ({config})")
+        out.append(f"{head} ({config}{'' if plans == 'samunetPlans' else ', ' + plans})")
     return " + ".join(out)
 
 

@@ -61,8 +61,9 @@ PLATEAU_EVIDENCE = ("in the plateau study (benchmarks/results/label_efficiency_0
                     "the embeddings of slices s-1, s, s+1 0.668 with 1 (64 views, against 0.697 for the 2d hybrid head "
                     "with 64), 0.797 with 5 (against 0.803-0.805), 0.850 with 20 (against 0.851) and 0.878 with all "
                     "(against 0.876); find-best's ensembles (--npz) reached 0.709 with 1 case (2d hybrid + s-1, s, "
-                    "s+1 hybrid + CNN), 0.855 with 20 (s-1, s, s+1 hybrid + CNN + U-Net) and 0.884 with all (s-1, s, "
-                    "s+1 hybrid + CNN) "
+                    "s+1 hybrid + CNN), 0.811 with 5 (2d hybrid, the same with deep supervision, CNN; nnU-Net 2d "
+                    "0.814), 0.855 with 20 (s-1, s, s+1 hybrid + CNN + U-Net) and 0.884 with all (s-1, s, s+1 hybrid "
+                    "+ CNN + U-Net) "
                     "(benchmarks/results/plateau_ensembles_004_fold0.md); at equal short budgets (100 x 8, "
                     "not converged) the hybrid head was also ahead on DRIVE (0.756 against 0.557, 4 labelled images) "
                     "and ISBI EM (0.930 against 0.918)")
