@@ -186,3 +186,39 @@ def test_pretraining_reconstructs_and_fine_tuning_starts_from_it(unet_run, tmp_p
         pretrain_entry(["4", "2d", "0", "--epochs", "3", "--iterations_per_epoch", "6", "--batch_size", "4",
                         "--device", "cpu"])
     assert e.value.code == 1 and "--c" in capsys.readouterr().err
+
+
+DDP_STEPS = """
+import os, socket, sys, torch, torch.distributed as dist
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
+dist.init_process_group("gloo", rank=0, world_size=1)
+from samunet.models.encoders import build_encoder
+from samunet.models.hybrid import build_hybrid
+from samunet.models.unet import build_unet, unet_block
+from samunet.training.losses import segmentation_loss
+enc = build_encoder("test_tiny", input_size=128)
+target = torch.randint(0, 2, (2, 64, 64))
+for ds in (False, True):
+    block = {**unet_block([64, 64]), "canvas_size": 64, "deep_supervision": ds}
+    for model, args in ((build_unet(block, 3, 2), (torch.rand(2, 3, 64, 64),)),
+                        (build_hybrid(block, enc, 2), (torch.rand(2, enc.embed_dim, 32, 32),
+                                                       torch.rand(2, 3, 64, 64)))):
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        for _ in range(2):  # an unused parameter is refused at the second step
+            opt.zero_grad()
+            segmentation_loss(ddp(*args), target).backward()
+            opt.step()
+print("trained")
+"""
+
+
+def test_unet_and_hybrid_train_under_distributed_data_parallel():
+    """DistributedDataParallel (gloo, one process) refuses a model with a parameter the loss never reaches; the
+    decoder's unused output convolutions (all but the last, or with deep supervision the lowest) take no gradient."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", DDP_STEPS], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "trained", r.stderr[-3000:]

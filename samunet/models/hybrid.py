@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from samunet.models.heads import ChannelFusion
-from samunet.models.unet import _init_weights, canvas_block
+from samunet.models.unet import _init_weights, canvas_block, train_only_used_outputs
 
 
 def hybrid_block(config: dict) -> dict:
@@ -100,6 +100,7 @@ class HybridHead(nn.Module):
         self.decoder = UNetDecoder(self.image_encoder, self.num_classes, a["n_conv_per_stage_decoder"],
                                    deep_supervision=False)
         self.deep_supervision = bool(a.get("deep_supervision", False))  # training only: see forward
+        train_only_used_outputs(self.decoder, self.deep_supervision)
         self.image_encoder.apply(_init_weights)
         self.decoder.apply(_init_weights)
         # SAM feature levels: (channels, side of the map covering the canvas) at g, 2g, 4g

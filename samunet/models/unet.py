@@ -102,7 +102,12 @@ class UNetModel(nn.Module):
             norm_op=nn.InstanceNorm2d, norm_op_kwargs={"eps": 1e-5, "affine": True},
             nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True}, deep_supervision=False)
         self.net.apply(_init_weights)
-        self.deep_supervision = bool(a.get("deep_supervision", False))  # training only: see forward
+        self.set_deep_supervision(bool(a.get("deep_supervision", False)))
+
+    def set_deep_supervision(self, enabled: bool) -> None:
+        """Train every decoder stage's output (used in training only: see forward), or only the last."""
+        self.deep_supervision = enabled
+        train_only_used_outputs(self.net.decoder, enabled)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         """Logits (B, num_classes, Q, Q); in training with the block's ``deep_supervision``, those of every
@@ -112,6 +117,16 @@ class UNetModel(nn.Module):
                              f"got {tuple(images.shape)}")
         self.net.decoder.deep_supervision = self.deep_supervision and self.training
         return self.net(images)
+
+
+def train_only_used_outputs(decoder: nn.Module, deep_supervision: bool) -> None:
+    """Let only the output convolutions that the loss reaches require gradients: dynamic-network-architectures
+    builds one per decoder stage (lowest resolution first) either way; without deep supervision only the last one is
+    used, with it all but the lowest (nnU-Net weights it 0). DistributedDataParallel refuses a parameter that gets no
+    gradient; the state dict stays the same."""
+    n = len(decoder.seg_layers)
+    for i, layer in enumerate(decoder.seg_layers):
+        layer.requires_grad_(i == n - 1 or (deep_supervision and i > 0))
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -91,7 +91,7 @@ class Pretrainer(Trainer):
         self.context = 1
         self.num_outputs = 3 * self.n_enc  # one output per input channel: the reconstructed image
         self._build_unet(self.num_outputs)
-        self.head.deep_supervision = False  # the reconstruction is learnt at full resolution only
+        self.head.set_deep_supervision(False)  # the reconstruction is learnt at full resolution only
         self.params = list(self.head.parameters())
         self.setup_precision()
         data_dir = self.pp_folder / self.config["data_identifier"]
